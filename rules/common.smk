@@ -1,0 +1,76 @@
+# Shared helpers: validated params, the files each dataset's run produces, the CLI call.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run from a checkout without installing
+
+from diffdistill.config import validate as validate_params
+from diffdistill.dag import STEP_PARAMS
+
+# Invalid params stop here, before any job, with a message naming the key.
+validate_params(config)
+
+DATASETS = list(config["datasets"])
+# The CLI reads params.yaml plus any --configfile overrides, in the order Snakemake merged them.
+PARAM_FILES = ["params.yaml"] + [str(f) for f in workflow.overwrite_configfiles]
+PARAMS_ARGS = " ".join(f"--params {f}" for f in PARAM_FILES)
+ENV = "../envs/diffdistill.yaml"
+
+wildcard_constraints:
+    ds="|".join(DATASETS),
+    seed=r"\d+",
+    set="synthetic|full_real|random_real",
+    n=r"\d+",
+
+
+def cfg(ds, *keys):
+    """The dataset block's sections a step reads: Snakemake reruns the step when they change."""
+    return {k: config[ds].get(k) for k in keys}
+
+
+def step_values(step):
+    """The values of the params a step reads (STEP_PARAMS): a change reruns the step."""
+    return lambda w: cfg(w.ds, *STEP_PARAMS[step])
+
+
+def weights_file(name):
+    return f"weights/{config['weights'][name]['filename']}"
+
+
+def pretrained_input(w):
+    name = config[w.ds].get("pretrained")
+    return [weights_file(name)] if name else []
+
+
+def inception_input(w):
+    return [weights_file("fid_inception")] if config[w.ds]["fid"]["features"] == "inception" else []
+
+
+def gpus(ds, step):
+    return int(config[ds][step].get("gpus", 0))
+
+
+def seeds(ds):
+    return config[ds]["evaluate"]["seeds"]
+
+
+def sweep_targets(ds):
+    sweep = config[ds].get("sweep")
+    return [f"results/{ds}/sweep.json"] if sweep else []
+
+
+def audit_targets(ds):
+    return [f"results/{ds}/audit.json"] if config[ds].get("audit", False) else []
+
+
+def dataset_targets(ds):
+    return [
+        f"results/{ds}/summary.json",
+        f"results/{ds}/fid.json",
+        f"synthetic/{ds}/challenge.pt",
+    ] + sweep_targets(ds) + audit_targets(ds)
+
+
+def all_targets():
+    targets = [t for ds in DATASETS for t in dataset_targets(ds)]
+    return targets + ["results/tables/results.md"]

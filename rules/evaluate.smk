@@ -1,0 +1,169 @@
+# The challenge's protocol: a ConvNet trained on a set, tested on the real test split, per seed.
+# Three sets per seed: the synthetic (selected) set, the full real training split, and a random
+# real subset with the synthetic set's per-class counts.
+
+
+def eval_train_input(w):
+    if w.set == "synthetic":
+        return f"synthetic/{w.ds}/selected.npz"
+    return f"data/{w.ds}/train.npz"
+
+
+def eval_like_input(w):
+    return [f"synthetic/{w.ds}/selected.npz"] if w.set == "random_real" else []
+
+
+rule evaluate:
+    input:
+        train=eval_train_input,
+        like=eval_like_input,
+        test="data/{ds}/test.npz",
+    output:
+        "results/{ds}/eval/{set}_seed{seed}.json",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("evaluate"),
+        like=lambda w, input: f"--like {input.like}" if input.like else "",
+    log:
+        "logs/{ds}/evaluate_{set}_seed{seed}.log",
+    benchmark:
+        "benchmarks/{ds}/evaluate_{set}_seed{seed}.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=lambda w: gpus(w.ds, "sample") and 1,
+    shell:
+        "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
+        " --seed {wildcards.seed} --train {input.train} {params.like} --test {input.test}"
+        " --out {output} --log {log}"
+
+
+rule summarize:
+    input:
+        lambda w: expand("results/{ds}/eval/{set}_seed{seed}.json", ds=w.ds,
+                         set=["synthetic", "full_real", "random_real"], seed=seeds(w.ds)),
+    output:
+        summary="results/{ds}/summary.json",
+        table="results/tables/{ds}_summary.md",
+    params:
+        files=PARAMS_ARGS,
+    log:
+        "logs/{ds}/summarize.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m diffdistill summarize {params.files} --dataset {wildcards.ds} --runs {input}"
+        " --out {output.summary} --table {output.table} --log {log}"
+
+
+rule fid:
+    input:
+        samples="synthetic/{ds}/samples.npz",
+        stats="data/{ds}/fid_stats.npz",
+    output:
+        "results/{ds}/fid.json",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("fid"),
+    log:
+        "logs/{ds}/fid.log",
+    benchmark:
+        "benchmarks/{ds}/fid.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=lambda w: gpus(w.ds, "sample") and 1,
+    shell:
+        "python -m diffdistill fid {params.files} --dataset {wildcards.ds} --samples {input.samples}"
+        " --stats {input.stats} --out {output} --log {log}"
+
+
+# Beyond the paper: accuracy against images per class. Sampling ran once at the largest size;
+# each smaller set is a balanced prefix of it, so the sweep costs no extra sampling.
+rule sweep_evaluate:
+    input:
+        samples="synthetic/{ds}/samples.npz",
+        train="data/{ds}/train.npz",
+        test="data/{ds}/test.npz",
+    output:
+        "results/{ds}/sweep/{set}_ipc{n}_seed{seed}.json",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("sweep_evaluate"),
+        source=lambda w, input: (f"--train {input.samples}" if w.set == "synthetic"
+                                 else f"--train {input.train} --like {input.samples}"),
+    log:
+        "logs/{ds}/sweep_{set}_ipc{n}_seed{seed}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=lambda w: gpus(w.ds, "sample") and 1,
+    shell:
+        "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
+        " --seed {wildcards.seed} {params.source} --images-per-class {wildcards.n} --test {input.test}"
+        " --out {output} --log {log}"
+
+
+rule sweep_summary:
+    input:
+        manifest="synthetic/{ds}/manifest.json",
+        runs=lambda w: expand("results/{ds}/sweep/{set}_ipc{n}_seed{seed}.json", ds=w.ds,
+                              set=["synthetic", "random_real"],
+                              n=config[w.ds]["sweep"]["images_per_class"],
+                              seed=config[w.ds]["sweep"].get("seeds", seeds(w.ds))),
+    output:
+        summary="results/{ds}/sweep.json",
+        figure=report("results/figures/{ds}_sweep.png", caption="../report/sweep.rst", category="Beyond the paper"),
+    params:
+        files=PARAMS_ARGS,
+    log:
+        "logs/{ds}/sweep_summary.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m diffdistill sweep {params.files} --dataset {wildcards.ds} --manifest {input.manifest}"
+        " --runs {input.runs} --out {output.summary} --figure {output.figure} --log {log}"
+
+
+rule audit:
+    input:
+        samples="synthetic/{ds}/samples.npz",
+        train="data/{ds}/train.npz",
+        test="data/{ds}/test.npz",
+        stats="data/{ds}/fid_stats.npz",
+    output:
+        summary="results/{ds}/audit.json",
+        hist=report("results/figures/{ds}_audit_distances.png", caption="../report/audit.rst", category="Beyond the paper"),
+        pairs=report("results/figures/{ds}_audit_pairs.png", caption="../report/audit_pairs.rst", category="Beyond the paper"),
+    params:
+        files=PARAMS_ARGS,
+    log:
+        "logs/{ds}/audit.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=lambda w: gpus(w.ds, "sample") and 1,
+    shell:
+        "python -m diffdistill audit {params.files} --dataset {wildcards.ds} --samples {input.samples}"
+        " --train {input.train} --test {input.test} --stats {input.stats} --out {output.summary}"
+        " --hist {output.hist} --pairs {output.pairs} --log {log}"

@@ -1,0 +1,46 @@
+# The paper's tables and figures, rebuilt from the pipeline's own outputs (see results/README.md).
+
+
+def class_grid_files(ds):
+    # Tiny-ImageNet's 200 classes are shown in two grids of 100, as in the paper.
+    k = config[ds]["model"]["num_classes"]
+    if k > 100:
+        return [f"results/figures/{ds}_classes_{i + 1}.png" for i in range((k + 99) // 100)]
+    return [f"results/figures/{ds}_classes.png"]
+
+
+def report_inputs(w):
+    files = []
+    for ds in DATASETS:
+        files += [f"results/{ds}/summary.json", f"results/{ds}/fid.json", f"synthetic/{ds}/manifest.json",
+                  f"synthetic/{ds}/samples.npz", f"checkpoints/{ds}/train.json", f"checkpoints/{ds}/loss.csv",
+                  f"checkpoints/{ds}/fid_curve.csv", f"benchmarks/{ds}/train_diffusion.tsv"]
+    return files
+
+
+rule report:
+    input:
+        report_inputs,
+    output:
+        results=report("results/tables/results.md", caption="../report/results.rst", category="Tables"),
+        table1=report("results/tables/table1_models.md", caption="../report/table1.rst", category="Tables"),
+        table2=report("results/tables/table2_fid.md", caption="../report/table2.rst", category="Tables"),
+        fig3=report("results/figures/fig3_fid_curve.png", caption="../report/fig3.rst", category="Figures"),
+        fig4=report("results/figures/fig4_leaderboard.png", caption="../report/fig4.rst", category="Figures"),
+        grids=report([f for ds in DATASETS for f in class_grid_files(ds)],
+                     caption="../report/classes.rst", category="Figures"),
+        losses=report(expand("results/figures/{ds}_loss.png", ds=DATASETS),
+                      caption="../report/loss.rst", category="Figures"),
+    params:
+        files=PARAMS_ARGS,
+        datasets=" ".join(DATASETS),
+    log:
+        "logs/report.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m diffdistill report {params.files} --datasets {params.datasets} --out results --log {log}"

@@ -1,0 +1,69 @@
+# Timed, class-balanced sampling with the EMA weights; subset selection; the challenge's export.
+
+
+rule sample:
+    input:
+        ema="checkpoints/{ds}/ema.pt",
+    output:
+        samples="synthetic/{ds}/samples.npz",
+        manifest="synthetic/{ds}/manifest.json",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("sample"),
+    log:
+        "logs/{ds}/sample.log",
+    benchmark:
+        "benchmarks/{ds}/sample.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=lambda w: gpus(w.ds, "sample"),
+    shell:
+        "python -m diffdistill sample {params.files} --dataset {wildcards.ds}"
+        " --checkpoint {input.ema} --out synthetic/{wildcards.ds} --log {log}"
+
+
+rule select:
+    input:
+        samples="synthetic/{ds}/samples.npz",
+        train="data/{ds}/train.npz",
+    output:
+        "synthetic/{ds}/selected.npz",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("select"),
+    log:
+        "logs/{ds}/select.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    shell:
+        "python -m diffdistill select {params.files} --dataset {wildcards.ds}"
+        " --samples {input.samples} --train {input.train} --out {output} --log {log}"
+
+
+rule export_challenge:
+    input:
+        "synthetic/{ds}/selected.npz",
+    output:
+        "synthetic/{ds}/challenge.pt",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("export_challenge"),
+    log:
+        "logs/{ds}/export_challenge.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "python -m diffdistill export {params.files} --dataset {wildcards.ds}"
+        " --samples {input} --out {output} --log {log}"

@@ -1,0 +1,19 @@
+# Remote files named in params.yaml's `weights:` block (pretrained U-ViT, FID Inception), verified.
+
+
+rule fetch_weights:
+    output:
+        "weights/{filename}",
+    params:
+        name=lambda w: next(k for k, v in config["weights"].items() if v["filename"] == w.filename),
+        files=PARAMS_ARGS,
+    log:
+        "logs/weights/{filename}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "python -m diffdistill fetch-weights {params.files} --name {params.name} --out {output} --log {log}"

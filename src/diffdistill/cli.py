@@ -1,0 +1,325 @@
+"""`python -m diffdistill <step>`: one subcommand per pipeline step (each Snakemake rule is one call).
+
+Every step takes `--params` (params.yaml, then override files; later ones win), `--dataset` where it
+works on one, explicit input and output paths, and `--log` (a copy of its log lines).
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("diffdistill")
+
+
+# ---------------------------------------------------------------- shared plumbing
+
+def _setup_logging(log_path):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=handlers, force=True)
+
+
+def _params(args):
+    from .config import load_params
+    return load_params(args.params or ["params.yaml"])
+
+
+def _block(args):
+    from .config import dataset_params
+    return dataset_params(_params(args), args.dataset)
+
+
+def _weights_path(params, name):
+    return Path("weights") / params["weights"][name]["filename"]
+
+
+def _load_model(block, checkpoint, device):
+    from .train import build_model
+    from .weights import load_state_dict_checked
+    model = build_model(block["model"])
+    load_state_dict_checked(model, checkpoint)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- steps
+
+def cmd_prepare(args):
+    from .data import prepare
+    prepare(_block(args)["data"], args.out, downloads_dir=args.downloads)
+
+
+def cmd_fetch_weights(args):
+    from .weights import fetch
+    entry = _params(args)["weights"][args.name]
+    fetch(entry["source"], args.out, checksum=entry.get("checksum"))
+
+
+def cmd_fid_stats(args):
+    from .config import resolve_device
+    from .fid import write_stats
+    from .io import load_npz
+    params = _params(args)
+    block = params[args.dataset]
+    inception = _weights_path(params, "fid_inception") if block["fid"]["features"] == "inception" else None
+    write_stats(block["fid"], load_npz(args.train), args.out, inception_weights=inception,
+                eval_cfg=block["evaluate"], device=resolve_device(args.device))
+
+
+def cmd_train(args):
+    import os
+
+    import torch
+
+    from .config import resolve_device
+    from .data import load_split
+    from .fid import make_training_fid
+    from .train import train
+    params = _params(args)
+    block = params[args.dataset]
+    device = resolve_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    init = None
+    if block.get("pretrained"):
+        init = _weights_path(params, block["pretrained"])
+    eval_fn = make_training_fid(block, args.fid_stats, device) if args.fid_stats else None
+    train(block["model"], block["train"], load_split(args.data, "train"), args.out,
+          init_state_dict=init, eval_fn=eval_fn, device=device)
+
+
+def cmd_sample(args):
+    from .config import resolve_device
+    from .data import load_split  # noqa: F401  (classes come from the checkpoint's dataset)
+    from .sample import check_checkpoint, sample, write
+    block = _block(args)
+    device = resolve_device(args.device)
+    cfg = dict(block["sample"])
+    cfg["classes"] = _class_names(args)
+    check_checkpoint(block["model"], args.checkpoint)
+    model = _load_model(block, args.checkpoint, device)
+    image_set, manifest = sample(model, cfg, block["model"]["num_classes"], device,
+                                 checkpoint_path=args.checkpoint)
+    write(args.out, image_set, manifest)
+    log.info("sampled %d images in %.1f s (%.1f images/s)", manifest["count"], manifest["seconds"],
+             manifest["images_per_second"])
+
+
+def _class_names(args):
+    path = Path("data") / args.dataset / "test.npz"
+    if path.exists():
+        from .io import load_npz
+        return [str(c) for c in load_npz(path)["classes"]]
+    return None
+
+
+def cmd_select(args):
+    from .io import load_npz, save_npz
+    from .select import select_for_pipeline
+    block = _block(args)
+    chosen = select_for_pipeline(load_npz(args.samples), load_npz(args.train), block["select"],
+                                 block["evaluate"])
+    save_npz(args.out, **chosen)
+
+
+def cmd_export(args):
+    from .evaluate import normalization
+    from .io import load_npz
+    from .sample import export_challenge
+    block = _block(args)
+    image_set = load_npz(args.samples)
+    train = load_npz(Path("data") / args.dataset / "train.npz")
+    mean, std = normalization(block["evaluate"], train["images"])
+    counts = [int((image_set["labels"] == k).sum()) for k in range(len(image_set["classes"]))]
+    export_challenge(image_set, mean, std, args.images_per_class or min(counts), args.out)
+
+
+def cmd_evaluate(args):
+    from .config import resolve_device
+    from .evaluate import evaluate_run, normalization, random_real_subset
+    from .io import load_npz, save_json
+    from .sample import balanced_prefix
+    block = _block(args)
+    eval_cfg = block["evaluate"]
+    train_set, test_set = load_npz(args.train), load_npz(args.test)
+    real_train = load_npz(Path(args.test).with_name("train.npz"))
+    mean, std = normalization(eval_cfg, real_train["images"])
+    like = load_npz(args.like) if args.like else None
+    if args.images_per_class:  # a sweep point: the balanced prefix of the generated set
+        if like is not None:
+            like = balanced_prefix(like, args.images_per_class)
+        else:
+            train_set = balanced_prefix(train_set, args.images_per_class)
+    if like is not None:
+        train_set = random_real_subset(train_set, like["labels"], seed=args.seed)
+    result = evaluate_run(train_set, test_set, eval_cfg, seed=args.seed, device=resolve_device(args.device),
+                          name=args.set, mean=mean, std=std)
+    if args.images_per_class:
+        result["images_per_class"] = args.images_per_class
+    save_json(args.out, result)
+    log.info("%s seed %d: accuracy %.4f on %d test images", args.set, args.seed, result["accuracy"],
+             len(test_set["labels"]))
+
+
+def cmd_summarize(args):
+    from .evaluate import summarize
+    from .io import load_json, save_json
+    from .report import summary_table
+    summary = summarize([load_json(p) for p in args.runs])
+    save_json(args.out, summary)
+    summary_table(summary, args.dataset, args.table)
+
+
+def cmd_fid(args):
+    from .config import resolve_device
+    from .fid import fid_against_stats
+    from .io import load_npz, save_json
+    block = _block(args)
+    samples = load_npz(args.samples)
+    n = min(len(samples["labels"]), block["fid"]["final_samples"])
+    t0 = time.time()
+    value = fid_against_stats(samples["images"][:n], args.stats, resolve_device(args.device))
+    key = f"fid_{block['fid']['features']}"
+    save_json(args.out, {key: value, "n_samples": n, "seconds": round(time.time() - t0, 2)})
+    log.info("%s = %.3f on %d samples", key, value, n)
+
+
+def cmd_sweep(args):
+    from .audit import summarize_sweep, fig_sweep
+    from .io import load_json, save_json
+    result = summarize_sweep(args.runs, load_json(args.manifest))
+    save_json(args.out, result)
+    fig_sweep(result, args.figure)
+
+
+def cmd_audit(args):
+    from .audit import run_audit
+    block = _block(args)
+    run_audit(args.samples, args.train, args.test, args.stats, block, args.out, args.hist, args.pairs)
+
+
+def cmd_report(args):
+    from .report import build_report
+    build_report(_params(args), args.datasets, root=".", out_dir=args.out)
+
+
+def cmd_dvc_yaml(args):
+    from .dag import dvc_yaml
+    text = dvc_yaml(".")
+    if args.check:
+        current = Path(args.out).read_text() if Path(args.out).exists() else ""
+        if current != text:
+            raise SystemExit(f"{args.out} is stale: run `python -m diffdistill dvc-yaml` and commit it")
+        print(f"{args.out} matches the Snakemake DAG")
+        return
+    from .io import atomic_path
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------- argument parsing
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="diffdistill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    def step(name, func, help, dataset=True):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--params", action="append", help="params.yaml, then override files (repeatable)")
+        p.add_argument("--log", help="also write the log to this file")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        if dataset:
+            p.add_argument("--dataset", required=True, help="a block of params.yaml")
+        p.set_defaults(func=func)
+        return p
+
+    p = step("prepare", cmd_prepare, "prepare a dataset into data/{ds}/{train,test}.npz")
+    p.add_argument("--out", required=True)
+    p.add_argument("--downloads", default="data/downloads")
+
+    p = step("fetch-weights", cmd_fetch_weights, "fetch and verify a file of params.yaml's weights:", dataset=False)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("fid-stats", cmd_fid_stats, "FID reference statistics of the real training split")
+    p.add_argument("--train", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("train", cmd_train, "finetune/train the U-ViT (resumes from OUT/state.pt)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--fid-stats")
+
+    p = step("sample", cmd_sample, "timed, class-balanced sampling with the EMA weights")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("select", cmd_select, "choose the subset S of the generated images")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("export", cmd_export, "write the challenge's submission tensor")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--images-per-class", type=int)
+
+    p = step("evaluate", cmd_evaluate, "train the ConvNet on a set, test on the real test split")
+    p.add_argument("--set", required=True, choices=["synthetic", "full_real", "random_real"])
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--like", help="random real subset with this set's per-class counts")
+    p.add_argument("--images-per-class", type=int, help="use the balanced prefix of this size (sweep)")
+    p.add_argument("--test", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("summarize", cmd_summarize, "mean ± std over seeds, baselines, distillation metrics")
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--table", required=True)
+
+    p = step("fid", cmd_fid, "FID of the generated set against the real statistics")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("sweep", cmd_sweep, "accuracy against images per class; sampling cost against images")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--figure", required=True)
+
+    p = step("audit", cmd_audit, "memorisation audit: nearest training images of generated ones")
+    for name in ("samples", "train", "test", "stats", "out", "hist", "pairs"):
+        p.add_argument(f"--{name}", required=True)
+
+    p = step("report", cmd_report, "the paper's tables and figures", dataset=False)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--out", default="results")
+
+    p = step("dvc-yaml", cmd_dvc_yaml, "regenerate dvc.yaml from the Snakemake DAG", dataset=False)
+    p.add_argument("--out", default="dvc.yaml")
+    p.add_argument("--check", action="store_true", help="fail if the file differs instead of writing it")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log)
+    from .config import ParamsError
+    try:
+        args.func(args)
+    except (ParamsError, ValueError, FileNotFoundError, RuntimeError) as err:
+        # Expected failures (bad input, missing file, failed download): one clear line, exit 1.
+        log.error("%s failed: %s", args.step, err)
+        log.debug("traceback", exc_info=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The DAG shared by the two orchestrators: which params each step reads, and dvc.yaml generated
+from Snakemake's own job graph so that `dvc repro` and `snakemake` cannot drift apart.
+
+`python -m diffdistill dvc-yaml` rewrites dvc.yaml; a test fails when the committed file differs.
+"""
+from pathlib import Path
+
+import yaml
+
+# The sections of a dataset block each step reads (Snakemake `params:`, DVC `params:`).
+STEP_PARAMS = {
+    "prepare_data": ["data"],
+    "fid_stats": ["data", "fid", "evaluate"],
+    "train_diffusion": ["model", "pretrained", "train", "fid"],
+    "sample": ["model", "sample"],
+    "select": ["select", "evaluate"],
+    "export_challenge": ["select", "evaluate"],
+    "evaluate": ["evaluate"],
+    "fid": ["fid", "model"],
+    "sweep_evaluate": ["evaluate", "sweep"],
+}
+
+# The package modules each step runs (DVC `deps:`), so a code change reruns what it affects.
+_CORE = ["config.py", "io.py", "cli.py"]
+STEP_MODULES = {
+    "prepare_data": ["data.py", "weights.py"],
+    "fetch_weights": ["weights.py"],
+    "fid_stats": ["data.py", "fid.py", "convnet.py", "evaluate.py", "augment.py"],
+    "train_diffusion": ["data.py", "uvit.py", "diffusion.py", "train.py", "weights.py", "fid.py", "sample.py"],
+    "sample": ["data.py", "uvit.py", "diffusion.py", "sample.py", "weights.py"],
+    "select": ["select.py", "convnet.py", "evaluate.py"],
+    "export_challenge": ["sample.py", "evaluate.py"],
+    "evaluate": ["convnet.py", "augment.py", "evaluate.py", "sample.py"],
+    "summarize": ["evaluate.py"],
+    "fid": ["fid.py", "convnet.py"],
+    "sweep_evaluate": ["convnet.py", "augment.py", "evaluate.py", "sample.py"],
+    "sweep_summary": ["audit.py", "report.py"],
+    "audit": ["audit.py", "fid.py"],
+    "report": ["report.py", "uvit.py"],
+}
+
+# DVC metrics and plots among the outputs.
+METRICS_SUFFIXES = ("summary.json", "fid.json", "sweep.json", "audit.json")
+PLOTS = {"loss.csv": {"x": "step", "y": "loss"}, "fid_curve.csv": {"x": "step", "y": "fid"}}
+
+
+def snakemake_jobs(workdir=".", configfiles=()):
+    """Every job of the full DAG (forceall) as dicts: rule, wildcards, shell, input, output, log."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness,
+                                          ResourceSettings)
+
+    workdir = Path(workdir).resolve()
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow_api = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=[Path(f) for f in configfiles]),
+            snakefile=workdir / "Snakefile",
+            workdir=workdir,
+        )
+        dag_api = workflow_api.dag(dag_settings=DAGSettings(forceall=True))
+        # Snakemake has no public call that returns the job graph; this is what printdag() does.
+        workflow = dag_api.workflow_api._workflow
+        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
+        workflow._build_dag()
+        jobs = []
+        for job in workflow.dag.jobs:
+            if job.rule.name == "all":
+                continue
+            jobs.append({
+                "rule": job.rule.name,
+                "wildcards": dict(job.wildcards_dict),
+                "shell": job.shellcmd,
+                "input": [str(f) for f in job.input],
+                "output": [str(f) for f in job.output],
+                "log": [str(f) for f in job.log],
+            })
+    return sorted(jobs, key=lambda j: (j["rule"], sorted(j["wildcards"].items())))
+
+
+def stage_name(job):
+    parts = [job["rule"]] + [str(v) for _, v in sorted(job["wildcards"].items())]
+    return "_".join(p.replace(".", "_") for p in parts)
+
+
+def _dvc_command(shell):
+    # Logs are Snakemake's business; DVC stages print to the terminal.
+    import re
+    return " ".join(re.sub(r"\s--log\s+\S+", "", shell).split())
+
+
+def dvc_stage(job, params):
+    rule, ds = job["rule"], job["wildcards"].get("ds")
+    stage = {"cmd": _dvc_command(job["shell"])}
+    deps = list(dict.fromkeys(job["input"]))
+    deps += [f"src/diffdistill/{m}" for m in _CORE + STEP_MODULES.get(rule, [])]
+    stage["deps"] = deps
+    keys = []
+    if ds is not None and rule in STEP_PARAMS:
+        keys = [f"{ds}.{k}" for k in STEP_PARAMS[rule] if params[ds].get(k) is not None or k == "pretrained"]
+    if rule == "fetch_weights":
+        name = next(k for k, v in params["weights"].items() if v["filename"] == job["wildcards"]["filename"])
+        keys = [f"weights.{name}"]
+    if keys:
+        stage["params"] = keys
+    outs, metrics, plots = [], [], []
+    for out in job["output"]:
+        name = Path(out).name
+        if out.startswith("results/") and name.endswith(METRICS_SUFFIXES):
+            metrics.append({out: {"cache": False}})
+        elif name in PLOTS:
+            plots.append({out: dict(PLOTS[name])})
+        elif out.startswith("results/"):
+            outs.append({out: {"cache": False}})  # small, committed to git
+        else:
+            outs.append(out)
+    for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
+        if value:
+            stage[key] = value
+    return stage
+
+
+def dvc_yaml(workdir=".", configfiles=()):
+    from .config import load_params
+
+    workdir = Path(workdir)
+    params = load_params([workdir / "params.yaml"] + [Path(f) for f in configfiles])
+    stages = {stage_name(job): dvc_stage(job, params) for job in snakemake_jobs(workdir, configfiles)}
+    header = ("# GENERATED by `python -m diffdistill dvc-yaml` from the Snakemake DAG; do not edit.\n"
+              "# The Snakefile and rules/ are the source; a test fails when this file is stale.\n")
+    return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)

@@ -1,0 +1,337 @@
+"""Datasets: prepare each source into one format, and load it.
+
+Format: ``data/{ds}/train.npz`` and ``test.npz`` with ``images`` uint8 [N,H,W,C], ``labels`` int64 [N],
+``classes`` str [K].
+"""
+import numpy as np
+import torch
+
+
+def to_model_space(images):
+    """uint8 [N,H,W,C] (numpy or tensor) -> float32 tensor [N,C,H,W] in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def from_model_space(x):
+    """float tensor [N,C,H,W] in [-1, 1] -> uint8 numpy [N,H,W,C] (clipped, rounded)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# preparing datasets
+#
+# Every kind returns two image sets {images, labels, classes}; ``prepare`` writes both files or neither.
+
+import io as _io
+import logging
+import sys
+import zipfile
+from pathlib import Path
+
+from . import io as dio
+from . import weights
+
+log = logging.getLogger(__name__)
+
+KINDS = ("digits", "cifar100", "tinyimagenet", "folder")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TINY_ZIP = "tiny-imagenet-200.zip"
+
+
+class DataError(ValueError):
+    """A dataset source is missing or bad; the message names the file and the fix."""
+
+
+def _image_set(images, labels, classes):
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim == 3:
+        images = images[..., None]
+    return {"images": images, "labels": np.asarray(labels, dtype=np.int64),
+            "classes": np.asarray([str(c) for c in classes], dtype=np.str_)}
+
+
+def _stratified_split(labels, test_fraction, split_seed):
+    """Fixed stratified split -> (train_idx, test_idx), each sorted."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    try:
+        train_idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels,
+                                               random_state=split_seed, shuffle=True)
+    except ValueError as e:
+        raise DataError(f"cannot make a stratified split with test_fraction={test_fraction}: {e}. Give every "
+                        f"class at least 2 images, change test_fraction, or give a test folder") from e
+    return np.sort(train_idx), np.sort(test_idx)
+
+
+def _subset(image_set, idx):
+    return {"images": image_set["images"][idx], "labels": image_set["labels"][idx],
+            "classes": image_set["classes"]}
+
+
+def _to_size(img, size, channels=3):
+    """PIL image -> uint8 [size,size,C]: RGB (or L), centre-crop to a square, bilinear resize.
+
+    PIL's bilinear filter widens its support when shrinking, so downscaling is antialiased."""
+    from PIL import Image
+
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if channels == 1 else arr
+
+
+def _decode(data_or_path, name, size, channels=3):
+    """Decode one image file; an unreadable one is an error that names it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        src = _io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
+        with Image.open(src) as img:
+            img.load()
+            return _to_size(img, size, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {name}: {e}. Replace or delete this file and rerun.") from e
+
+
+def _progress(iterable, total, desc, progress):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr)
+
+
+# --- digits --------------------------------------------------------------------------------------
+
+
+def _digits(cfg):
+    """scikit-learn's bundled 8×8 digits (values 0..16), bilinearly upscaled; no download."""
+    from sklearn.datasets import load_digits
+
+    size = int(cfg.get("image_size", 16))
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [N,1,8,8] in [0,1]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    full = _image_set(images, d.target, [str(c) for c in range(10)])
+    tr, te = _stratified_split(full["labels"], cfg.get("test_fraction", 0.2), cfg.get("split_seed", 0))
+    return _subset(full, tr), _subset(full, te)
+
+
+# --- cifar100 ------------------------------------------------------------------------------------
+
+
+def _cifar100(cfg, downloads_dir, progress):
+    """torchvision's CIFAR100: its URL, its md5 of the archive and of each extracted file."""
+    from torchvision.datasets import CIFAR100
+
+    root = Path(downloads_dir)
+    archive = root / CIFAR100.filename
+
+    def load(train):
+        return CIFAR100(root=str(root), train=train, download=True)
+
+    try:
+        if not (root / CIFAR100.base_folder).is_dir():
+            # Our fetch first: atomic, resumable by hand, with a message saying where to put the file.
+            # torchvision then finds the archive with the right md5 and only extracts it.
+            weights.fetch(CIFAR100.url, archive, checksum="md5:" + CIFAR100.tgz_md5, progress=progress)
+        train, test = load(True), load(False)
+    except weights.FetchError as e:
+        raise DataError(f"CIFAR-100: {e}") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        # A corrupt extraction or a bad archive: remove what is unusable so a rerun starts clean.
+        import shutil
+
+        shutil.rmtree(root / CIFAR100.base_folder, ignore_errors=True)
+        raise DataError(f"CIFAR-100 in {root} is corrupt or incomplete ({type(e).__name__}: {e}); the extracted "
+                        f"folder was removed. Delete {archive} too if it persists, or download {CIFAR100.url} by "
+                        f"hand and place it at {archive} (md5 {CIFAR100.tgz_md5}), then rerun.") from e
+    size = int(cfg.get("image_size", 32))
+    out = []
+    for ds in (train, test):
+        images = np.asarray(ds.data, dtype=np.uint8)
+        if images.shape[1] != size:
+            from PIL import Image
+
+            images = np.stack([_to_size(Image.fromarray(im), size) for im in images])
+        out.append(_image_set(images, ds.targets, ds.classes))
+    return out[0], out[1]
+
+
+# --- tinyimagenet --------------------------------------------------------------------------------
+
+
+def _tinyimagenet(cfg, downloads_dir, progress):
+    """The public tiny-imagenet-200.zip, read in place: train/<wnid>/images, val/ as the test split."""
+    source, checksum = cfg.get("source"), cfg.get("checksum")
+    if not source:
+        raise DataError("tinyimagenet: data.source is not set; give the URL or path of tiny-imagenet-200.zip")
+    archive = Path(downloads_dir) / TINY_ZIP
+    try:
+        weights.fetch(source, archive, checksum=checksum, progress=progress)
+    except weights.FetchError as e:
+        raise DataError(f"Tiny-ImageNet: {e}") from e
+    size = int(cfg.get("image_size", 64))
+    try:
+        return _read_tiny_zip(archive, size, progress)
+    except zipfile.BadZipFile as e:
+        # Unusable: delete it (and a trust-on-first-use record of it) so the next run downloads again.
+        archive.unlink(missing_ok=True)
+        Path(str(archive) + ".sha256").unlink(missing_ok=True)
+        raise DataError(f"{archive} is not a complete zip archive ({e}); a truncated download? It was deleted. "
+                        f"Rerun to download {source} again, or download it by hand and place it at "
+                        f"{archive}.") from e
+
+
+def _read_tiny_zip(archive, size, progress):
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        top = "tiny-imagenet-200/"
+
+        def text(member):
+            if top + member not in names:
+                raise DataError(f"{archive} has no {top}{member}; it is not the Tiny-ImageNet layout. Download "
+                                f"the original tiny-imagenet-200.zip and place it at {archive}.")
+            return zf.read(top + member).decode("utf-8")
+
+        wnids = sorted({w.strip() for w in text("wnids.txt").splitlines() if w.strip()})
+        words = {}
+        for line in text("words.txt").splitlines():
+            if "\t" in line:
+                wnid, desc = line.split("\t", 1)
+                words[wnid.strip()] = desc.split(",")[0].strip()
+        # Sorted wnids give the class order, as an ImageFolder over train/ would.
+        classes = [words.get(w, w) for w in wnids]
+        index = {w: i for i, w in enumerate(wnids)}
+
+        train_files = []
+        for name in sorted(names):
+            parts = name.split("/")
+            if (len(parts) == 5 and parts[1] == "train" and parts[3] == "images"
+                    and parts[4].lower().endswith(IMG_EXTENSIONS)):
+                if parts[2] not in index:
+                    raise DataError(f"{archive}: {name} is in class {parts[2]}, which wnids.txt does not list")
+                train_files.append((name, index[parts[2]]))
+        val_files = []
+        for line in text("val/val_annotations.txt").splitlines():
+            fields = line.split("\t")
+            if len(fields) < 2:
+                continue
+            name = f"{top}val/images/{fields[0].strip()}"
+            if name not in names:
+                raise DataError(f"{archive}: val_annotations.txt lists {fields[0]}, but {name} is missing")
+            if fields[1].strip() not in index:
+                raise DataError(f"{archive}: val_annotations.txt labels {fields[0]} with {fields[1]}, which "
+                                f"wnids.txt does not list")
+            val_files.append((name, index[fields[1].strip()]))
+        if not train_files or not val_files:
+            raise DataError(f"{archive} has no training or no validation images; it is not the Tiny-ImageNet "
+                            f"layout")
+
+        def read(files, split):
+            images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+            for i, (name, _) in enumerate(_progress(files, len(files), f"tinyimagenet {split}", progress)):
+                images[i] = _decode(zf.read(name), f"{name} in {archive}", size)
+            return _image_set(images, [y for _, y in files], classes)
+
+        return read(train_files, "train"), read(val_files, "val")
+
+
+# --- folder --------------------------------------------------------------------------------------
+
+
+def _scan_tree(root):
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"folder dataset: {root} is not a folder; set data.root to an ImageFolder tree "
+                        f"(one sub-folder of images per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = []
+    for i, c in enumerate(classes):
+        found = sorted(p for p in (root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        if not found:
+            raise DataError(f"folder dataset: class folder {root / c} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                            f"add images or remove the folder")
+        files += [(p, i) for p in found]
+    if not classes:
+        raise DataError(f"folder dataset: {root} has no class sub-folders; expected {root}/<class>/<image>")
+    return classes, files
+
+
+def _read_tree(root, classes_files, size, channels, progress):
+    classes, files = classes_files
+    images = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    for i, (path, _) in enumerate(_progress(files, len(files), f"folder {Path(root).name}", progress)):
+        images[i] = _decode(path, str(path), size, channels)
+    return _image_set(images, [y for _, y in files], classes)
+
+
+def _folder(cfg, progress):
+    root = cfg.get("root")
+    if not root:
+        raise DataError("folder dataset: data.root is not set; name the ImageFolder tree in params.yaml")
+    size, channels = int(cfg["image_size"]), int(cfg.get("channels", 3))
+    if channels not in (1, 3):
+        raise DataError(f"folder dataset: channels must be 1 or 3, got {channels}")
+    tree = _scan_tree(root)
+    if cfg.get("test_root"):
+        test_tree = _scan_tree(cfg["test_root"])
+        if test_tree[0] != tree[0]:
+            raise DataError(f"folder dataset: test_root {cfg['test_root']} has classes {test_tree[0]} but root "
+                            f"{root} has {tree[0]}; both trees need the same class folders")
+        return (_read_tree(root, tree, size, channels, progress),
+                _read_tree(cfg["test_root"], test_tree, size, channels, progress))
+    labels = np.array([y for _, y in tree[1]])
+    tr, te = _stratified_split(labels, cfg.get("test_fraction", 0.2), cfg.get("split_seed", 0))
+    full = _read_tree(root, tree, size, channels, progress)
+    return _subset(full, tr), _subset(full, te)
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def build(data_cfg, downloads_dir="data/downloads", progress=True):
+    """Return (train_set, test_set) for ``data_cfg`` without writing them."""
+    kind = data_cfg.get("kind")
+    if kind == "digits":
+        return _digits(data_cfg)
+    if kind == "cifar100":
+        return _cifar100(data_cfg, downloads_dir, progress)
+    if kind == "tinyimagenet":
+        return _tinyimagenet(data_cfg, downloads_dir, progress)
+    if kind == "folder":
+        return _folder(data_cfg, progress)
+    raise DataError(f"unknown data.kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def prepare(data_cfg, out_dir, downloads_dir="data/downloads", progress=True):
+    """Write ``out_dir/train.npz`` and ``out_dir/test.npz``: both, or (on any error) neither."""
+    train, test = build(data_cfg, downloads_dir, progress)
+    out_dir = Path(out_dir)
+    # Both files are written under temporary names; the renames happen only after both are complete.
+    with dio.atomic_path(out_dir / "train.npz") as t_train, dio.atomic_path(out_dir / "test.npz") as t_test:
+        for tmp, split in ((t_train, train), (t_test, test)):
+            with open(tmp, "wb") as f:
+                np.savez(f, **split)
+    log.info("prepared %s: train %s, test %s, %d classes", data_cfg.get("kind"), train["images"].shape,
+             test["images"].shape, len(train["classes"]))
+    return train, test
+
+
+def load_split(data_dir, split):
+    """Load ``data_dir/{split}.npz`` (split: train | test) as an image set."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    s = dio.load_npz(Path(data_dir) / f"{split}.npz")
+    missing = {"images", "labels", "classes"} - set(s)
+    if missing:
+        raise ValueError(f"{Path(data_dir) / (split + '.npz')} lacks {sorted(missing)}; rerun the prepare step")
+    return s

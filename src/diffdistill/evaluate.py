@@ -1,0 +1,361 @@
+"""Train-on-S / test-on-real: the ECCV 2024 dataset-distillation challenge's evaluation protocol.
+
+A ConvNet (``convnet.ConvNet``, depth 3, width 128) is trained from scratch only on a training set S
+(the synthetic set, a subset of it, the full real training split, or a random real subset of the
+same size) and tested on the whole real test split at the last epoch:
+
+- SGD, lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, cross-entropy;
+- ``epochs`` epochs (1000 in the challenge; params.yaml sets it per dataset), the lr multiplied by
+  0.1 exactly once, at epoch ``epochs // 2`` (``eval_cfg["variant"] == "short100"``: the 100-epoch
+  variant some Track 2 teams used, same recipe with 100 epochs);
+- DSA ``color_crop_cutout_flip_scale_rotate`` on every batch (``augment.dsa``), after normalisation;
+- inputs normalised per channel with the dataset's mean/std (``normalization``).
+
+Determinism: the weights are initialised under ``torch.manual_seed(seed)`` (in a forked RNG, the
+caller's global state is untouched), and shuffling and augmentation draw from their own
+``torch.Generator``s seeded from ``seed``: same seed, same machine, CPU -> same accuracy.
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .augment import DEFAULT_STRATEGY, dsa
+from .convnet import ConvNet
+
+SET_NAMES = ("synthetic", "full_real", "random_real")
+VARIANTS = {None: None, "full": None, "short100": 100}
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def normalization(eval_cfg, train_images):
+    """Per-channel (mean, std) in [0, 1] pixel units, as two float lists.
+
+    ``eval_cfg["mean"]``/``["std"]`` when given (CIFAR-100 / Tiny-ImageNet use the challenge's fixed
+    values); when null, computed from ``train_images`` (uint8 [N,H,W,C]) — pass the REAL training
+    split here, so the synthetic set and both baselines are normalised identically.
+    """
+    mean, std = eval_cfg.get("mean"), eval_cfg.get("std")
+    if (mean is None) != (std is None):
+        raise ValueError("evaluate: give both evaluate.mean and evaluate.std in params.yaml, or "
+                         "set both to null to compute them from the real training images.")
+    if mean is not None:
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"evaluate: mean {mean} / std {std} must have one value per channel "
+                             f"and std > 0; fix evaluate.mean/std in params.yaml.")
+        return mean, std
+    images = np.asarray(train_images)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"evaluate: cannot compute mean/std from images of shape {images.shape}; "
+                         f"expected a non-empty uint8 [N,H,W,C] array.")
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)          # a constant channel would divide by zero
+    return x.mean(axis=0).tolist(), std.tolist()
+
+
+def _class_name(image_set, k):
+    classes = image_set.get("classes")
+    if classes is not None and 0 <= k < len(classes):
+        return f"{k} ({classes[k]})"
+    return str(k)
+
+
+def check_compatible(train_set, test_set, num_classes):
+    """Raise ValueError, before any training, when ``train_set`` cannot be evaluated on ``test_set``.
+
+    Checks: both non-empty uint8-like [N,H,W,C] with as many labels as images; same image size and
+    channel count; every label in [0, num_classes); every class present in the training set.
+    """
+    for which, s in (("training", train_set), ("test", test_set)):
+        images, labels = np.asarray(s["images"]), np.asarray(s["labels"])
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"evaluate: the {which} set is empty or not [N,H,W,C] (images shape "
+                             f"{images.shape}); produce at least one image per class first.")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"evaluate: the {which} set has {images.shape[0]} images but labels of "
+                             f"shape {labels.shape}; there must be one label per image.")
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.size:
+            raise ValueError(f"evaluate: {which} labels out of range [0, {num_classes}): e.g. "
+                             f"{sorted(set(bad.tolist()))[:5]}; the label set must match num_classes "
+                             f"({num_classes}) of the dataset.")
+    tr, te = np.asarray(train_set["images"]).shape, np.asarray(test_set["images"]).shape
+    if tr[1:3] != te[1:3]:
+        raise ValueError(f"evaluate: training images are {tr[1]}×{tr[2]} but test images are "
+                         f"{te[1]}×{te[2]}; generate/resize the training set at the test resolution.")
+    if tr[3] != te[3]:
+        raise ValueError(f"evaluate: training images have {tr[3]} channel(s) but test images have "
+                         f"{te[3]}; generate the training set with the test set's channel count.")
+    counts = np.bincount(np.asarray(train_set["labels"]), minlength=num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        names = ", ".join(_class_name(train_set, int(k)) for k in empty[:10])
+        raise ValueError(f"evaluate: the training set has no image of class {names}"
+                         f"{' …' if empty.size > 10 else ''} ({empty.size} empty of {num_classes}); "
+                         f"every class needs at least one image — sample/select more per class.")
+
+
+def _num_classes(train_set, test_set=None):
+    classes = train_set.get("classes")
+    if classes is not None and len(classes):
+        return len(classes)
+    labels = [np.asarray(train_set["labels"])] + ([np.asarray(test_set["labels"])] if test_set else [])
+    return int(max(int(l.max()) for l in labels if l.size)) + 1
+
+
+def _epochs(eval_cfg):
+    variant = eval_cfg.get("variant")
+    if variant not in VARIANTS:
+        raise ValueError(f"evaluate: unknown variant {variant!r}; use one of "
+                         f"{[v for v in VARIANTS if v]} or leave it unset.")
+    epochs = VARIANTS[variant] or eval_cfg.get("epochs", 1000)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"evaluate: epochs must be a positive integer, got {epochs!r}.")
+    return epochs
+
+
+class _Normalize:
+    """uint8 NHWC on the device -> normalised float NCHW, one batch at a time (keeps memory small)."""
+
+    def __init__(self, mean, std, device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, images_u8):
+        x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def build_model(eval_cfg, in_channels, num_classes, image_size):
+    return ConvNet(in_channels, num_classes, image_size,
+                   depth=eval_cfg.get("depth", 3), width=eval_cfg.get("width", 128))
+
+
+def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num_classes=None,
+                     mean=None, std=None):
+    """Train the evaluation ConvNet on ``train_set`` with the challenge's recipe.
+
+    Returns ``(model, history)``; history has per-epoch ``loss`` (mean over images), ``train_acc``
+    (on the augmented batches), ``lr`` (the lr used during that epoch), plus ``epochs``,
+    ``seconds`` (training wall time), ``images_per_second`` (training images processed per second).
+    """
+    device = torch.device(device)
+    num_classes = num_classes or _num_classes(train_set)
+    images = np.asarray(train_set["images"])
+    labels = np.asarray(train_set["labels"]).astype(np.int64)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"evaluate: the training set is empty or not [N,H,W,C] ({images.shape}).")
+    if mean is None or std is None:
+        mean, std = normalization(eval_cfg, images)
+    if len(mean) != images.shape[3]:
+        raise ValueError(f"evaluate: mean/std have {len(mean)} values but the images have "
+                         f"{images.shape[3]} channels; fix evaluate.mean/std in params.yaml.")
+    epochs = _epochs(eval_cfg)
+    batch_size = int(eval_cfg.get("batch_size", 256))
+    use_dsa = bool(eval_cfg.get("dsa", True))
+    strategy = eval_cfg.get("dsa_strategy", DEFAULT_STRATEGY)
+
+    # Weights from the seed without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(eval_cfg, images.shape[3], num_classes, images.shape[1])
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=float(eval_cfg.get("lr", 0.01)),
+                                momentum=float(eval_cfg.get("momentum", 0.9)),
+                                weight_decay=float(eval_cfg.get("weight_decay", 5e-4)))
+    # One drop, at the half: epochs [0, epochs//2) at lr, [epochs//2, epochs) at lr·0.1.
+    # A 1-epoch run has no second half and keeps lr.
+    milestones = [epochs // 2] if epochs >= 2 else []
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+    # Separate streams: the same seed gives the same order and the same augmentations.
+    shuffle_gen = torch.Generator().manual_seed(2 * seed)
+    aug_gen = torch.Generator().manual_seed(2 * seed + 1)
+    x_all = torch.as_tensor(images).to(device)               # uint8 on the device
+    y_all = torch.as_tensor(labels).to(device)
+    norm = _Normalize(mean, std, device)
+    n = x_all.shape[0]
+
+    history = {"loss": [], "train_acc": [], "lr": []}
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(epochs), desc="evaluate", unit="epoch", disable=not progress, leave=False)
+    for _ in bar:
+        lr = optimizer.param_groups[0]["lr"]
+        order = torch.randperm(n, generator=shuffle_gen).to(device)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            x, y = norm(x_all[idx]), y_all[idx]
+            if use_dsa:
+                x = dsa(x, aug_gen, strategy=strategy)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * y.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
+        scheduler.step()
+        history["loss"].append(loss_sum / n)
+        history["train_acc"].append(correct / n)
+        history["lr"].append(lr)
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", lr=f"{lr:.0e}")
+    seconds = time.perf_counter() - start
+    history.update(epochs=epochs, seconds=seconds,
+                   images_per_second=n * epochs / seconds if seconds > 0 else float("inf"))
+    return model, history
+
+
+@torch.no_grad()
+def predict(model, images, mean, std, device="cpu", batch_size=1024):
+    """Predicted labels (numpy int64) for uint8 [N,H,W,C] images."""
+    device = torch.device(device)
+    norm = _Normalize(mean, std, device)
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = norm(torch.as_tensor(np.asarray(images[i:i + batch_size])).to(device))
+        out.append(model(x).argmax(1).cpu())
+    return torch.cat(out).numpy().astype(np.int64)
+
+
+def evaluate_run(train_set, test_set, eval_cfg, seed, device="cpu", progress=True, name=None,
+                 mean=None, std=None):
+    """One evaluation run: train on ``train_set`` (seed), test on the whole ``test_set``.
+
+    ``mean``/``std``: the normalisation; when None, ``normalization(eval_cfg, train_set["images"])``
+    — for synthetic and random-real runs pass the real training split's values instead.
+    Returns a JSON-ready dict: name, seed, accuracy, per_class_accuracy (None for a class absent
+    from the test set), n_train, per_class_train_counts, epochs, loss_curve, lr_curve, seconds
+    (training), images_per_second (training), test_seconds.
+    """
+    num_classes = _num_classes(train_set, test_set)
+    check_compatible(train_set, test_set, num_classes)
+    _epochs(eval_cfg)                                          # bad variant/epochs: fail before training
+    if mean is None or std is None:
+        mean, std = normalization(eval_cfg, train_set["images"])
+    model, history = train_classifier(train_set, eval_cfg, seed, device=device, progress=progress,
+                                      num_classes=num_classes, mean=mean, std=std)
+    t0 = time.perf_counter()
+    test_labels = np.asarray(test_set["labels"]).astype(np.int64)
+    pred = predict(model, test_set["images"], mean, std, device=device)
+    correct = pred == test_labels
+    per_class = []
+    for k in range(num_classes):
+        mask = test_labels == k
+        per_class.append(float(correct[mask].mean()) if mask.any() else None)
+    result = {
+        "seed": int(seed),
+        "accuracy": float(correct.mean()),
+        "per_class_accuracy": per_class,
+        "n_train": int(len(train_set["labels"])),
+        "per_class_train_counts": np.bincount(np.asarray(train_set["labels"]),
+                                              minlength=num_classes).astype(int).tolist(),
+        "epochs": history["epochs"],
+        "loss_curve": [float(v) for v in history["loss"]],
+        "lr_curve": [float(v) for v in history["lr"]],
+        "seconds": float(history["seconds"]),
+        "images_per_second": float(history["images_per_second"]),
+        "test_seconds": time.perf_counter() - t0,
+        "device": str(device),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+    if name is not None:
+        result = {"name": name, **result}
+    return result
+
+
+# --- baselines and summary ---------------------------------------------------------------------
+
+def random_real_subset(train_set, like_labels, seed):
+    """A random subset of the real ``train_set`` with exactly the per-class counts of ``like_labels``.
+
+    Images are drawn without replacement within each class (numpy Generator seeded by ``seed``)
+    and returned grouped by class; ``classes`` is carried over.
+    """
+    labels = np.asarray(train_set["labels"])
+    like = np.asarray(like_labels)
+    if like.size == 0:
+        raise ValueError("random_real_subset: like_labels is empty; there is nothing to match.")
+    num_classes = max(int(like.max()) + 1, int(labels.max()) + 1 if labels.size else 0)
+    want = np.bincount(like, minlength=num_classes)
+    have = np.bincount(labels, minlength=num_classes)
+    short = np.flatnonzero(want > have)
+    if short.size:
+        k = int(short[0])
+        raise ValueError(f"random_real_subset: class {_class_name(train_set, k)} needs {want[k]} real "
+                         f"images but the training split has {have[k]}; use fewer images per class.")
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == k), size=int(want[k]), replace=False)
+              for k in range(num_classes) if want[k]]
+    idx = np.concatenate(picked)
+    out = {"images": np.asarray(train_set["images"])[idx], "labels": labels[idx].astype(np.int64)}
+    if train_set.get("classes") is not None:
+        out["classes"] = np.asarray(train_set["classes"])
+    return out
+
+
+def _per_class_mean(lists):
+    """Element-wise mean over runs, skipping None (a class absent from the test set)."""
+    out = []
+    for values in zip(*lists):
+        vals = [v for v in values if v is not None]
+        out.append(float(np.mean(vals)) if vals else None)
+    return out
+
+
+def summarize(runs):
+    """Summary of evaluation runs (each with ``name`` in synthetic/full_real/random_real).
+
+    Returns ``{set: {"mean", "std", "runs": [{seed, accuracy, n_train, epochs, seconds}]}, ...,
+    "n_synthetic", "gain_over_random", "gap_to_full", "per_class": {set: [...]}}``. Sets without
+    runs are absent, and so are the metrics that need them.
+
+    - std is the population standard deviation over seeds (``np.std``, ddof=0), as DC-benchmark
+      reports mean ± std.
+    - gain_over_random = mean(synthetic) − mean(random_real): what the distilled set adds over a
+      random real subset of the same size and class counts (DD-Ranking's comparison with random).
+    - gap_to_full = mean(full_real) − mean(synthetic): how far the distilled set is from training
+      on the whole real training split (DD-Ranking's comparison with the full dataset).
+    """
+    groups = {}
+    for run in runs:
+        name = run.get("name")
+        if name not in SET_NAMES:
+            raise ValueError(f"summarize: run has name {name!r}; expected one of {list(SET_NAMES)}.")
+        groups.setdefault(name, []).append(run)
+    summary, per_class = {}, {}
+    for name in SET_NAMES:
+        if name not in groups:
+            continue
+        rs = sorted(groups[name], key=lambda r: r.get("seed", 0))
+        acc = np.array([r["accuracy"] for r in rs], dtype=np.float64)
+        summary[name] = {
+            "mean": float(acc.mean()),
+            "std": float(acc.std(ddof=0)),
+            "runs": [{k: r[k] for k in ("seed", "accuracy", "n_train", "epochs", "seconds") if k in r}
+                     for r in rs],
+        }
+        if all("per_class_accuracy" in r for r in rs):
+            per_class[name] = _per_class_mean([r["per_class_accuracy"] for r in rs])
+    if "synthetic" in summary:
+        sizes = {r["n_train"] for r in groups["synthetic"]}
+        if len(sizes) != 1:
+            raise ValueError(f"summarize: synthetic runs were trained on different set sizes {sorted(sizes)}; "
+                             f"summarize one synthetic set at a time.")
+        summary["n_synthetic"] = sizes.pop()
+        if "random_real" in summary:
+            summary["gain_over_random"] = summary["synthetic"]["mean"] - summary["random_real"]["mean"]
+        if "full_real" in summary:
+            summary["gap_to_full"] = summary["full_real"]["mean"] - summary["synthetic"]["mean"]
+    summary["per_class"] = per_class
+    return summary

@@ -1,0 +1,507 @@
+"""Timed, class-balanced sampling from a class-conditional U-ViT, and export of the result.
+
+The paper's distilled set is "as many images as the model can sample in 10 minutes". ``sample``
+draws batches with DPM-Solver until a wall-clock budget (or a per-class cap) is reached and records
+how long it took in a manifest; ``write`` stores the image set and the manifest atomically.
+
+Determinism: the noise of batch ``b`` comes from a generator seeded by ``(seed, b)`` and the labels of
+image ``i`` (counted over the whole run) are ``i mod K``, so image ``i`` depends only on the seed, its
+position and the batch size. The wall clock decides only *how many* batches run; with a cap and no
+budget the output is exactly reproducible, and a smaller cap gives a prefix of a larger one.
+
+Challenge export (ECCV 2024 Dataset Distillation Challenge). The challenge's public evaluators load
+a float tensor of images normalised with the dataset's mean/std (CIFAR-100
+[0.5071,0.4866,0.4409]/[0.2673,0.2564,0.2762], Tiny-ImageNet ImageNet's), [N,C,H,W]. Track 1 teams
+submitted one ``.pt`` tensor per dataset with the images grouped by class in label order and a fixed
+number per class, the label of image ``n`` being ``n // ipc``; Track 2's evaluator called the team's
+generator, which returned (normalised images, labels). ``export_challenge`` writes the union of
+both: ``{"images": float32 [K·ipc,C,H,W], "labels": int64 [K·ipc]}`` grouped by class in label
+order, so ``images`` alone is also the Track 1 layout.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import diffusion
+from .io import atomic_dir, atomic_path
+
+VARIANTS = ("fast", "multistep")
+# fp32: plain float32; tf32: float32 with TensorFloat-32 matrix products (CUDA); bf16/fp16: autocast (CUDA).
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model params.yaml describes; the message names the key."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The checkpoint file is not there (a ValueError for the CLI, a FileNotFoundError for callers)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def batch_generator(seed, batch_index):
+    """A CPU generator seeded by (seed, batch_index): batch b's noise never depends on timing or device."""
+    state = np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _class_names(sample_cfg, num_classes):
+    names = sample_cfg.get("classes")
+    if names is None:
+        names = [str(k) for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"sample: 'classes' lists {len(names)} names but num_classes is {num_classes}; "
+                         f"pass one name per class or leave 'classes' out")
+    return np.array([str(n) for n in names])
+
+
+def validate_sample_cfg(sample_cfg, num_classes):
+    """Check the sample block before anything runs; returns the normalised settings."""
+    budget = sample_cfg.get("budget_seconds")
+    cap = sample_cfg.get("max_per_class")
+    if budget is None and cap is None:
+        raise ValueError("sample: neither sample.budget_seconds nor sample.max_per_class is set, so "
+                         "sampling would never stop; set a budget in seconds, a cap per class, or both")
+    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise ValueError(f"sample: sample.budget_seconds must be a positive number of seconds, got {budget!r}; "
+                         f"set e.g. 600 (the challenge's 10 minutes) or null to sample up to the cap")
+    if cap is not None and not (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0):
+        raise ValueError(f"sample: sample.max_per_class must be a positive integer, got {cap!r}; "
+                         f"set it to the images per class you want, or null for as many as the budget allows")
+    batch_size = sample_cfg.get("batch_size", 500)
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"sample: sample.batch_size must be a positive integer, got {batch_size!r}")
+    steps = sample_cfg.get("steps", 50)
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"sample: sample.steps must be a positive integer (network calls), got {steps!r}")
+    variant = sample_cfg.get("variant", "fast")
+    if variant not in VARIANTS:
+        raise ValueError(f"sample: sample.variant must be one of {VARIANTS}, got {variant!r}")
+    seed = sample_cfg.get("seed", 0)
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"sample: sample.seed must be a non-negative integer, got {seed!r}")
+    guidance = float(sample_cfg.get("guidance_scale", 0.0) or 0.0)
+    precision = sample_cfg.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"sample: sample.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if not (isinstance(num_classes, int) and num_classes > 0):
+        raise ValueError(f"sample: num_classes must be a positive integer, got {num_classes!r}")
+    return dict(budget=None if budget is None else float(budget), cap=cap, batch_size=batch_size,
+                steps=steps, variant=variant, seed=seed, guidance=guidance, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progress=True, image_shape=None):
+    """Sample class-balanced images until the budget or the cap is reached.
+
+    ``model`` is the class-conditional ε-network (the caller loads the EMA weights). ``image_shape`` is
+    (C, H, W); by default the model's ``in_chans``/``img_size``. Returns ``(image_set, manifest)``.
+
+    Stop rule: a batch is started only if the time so far plus the estimated time of one batch fits the
+    budget. The estimate is the mean time of the batches run so far. The first batch has no estimate and
+    always runs (a zero-image result is of no use; if it alone overruns, ``overrun_seconds`` says so).
+    The first batch also pays for warm-up, so the mean errs on the side of stopping early.
+    """
+    cfg = validate_sample_cfg(sample_cfg, num_classes)
+    classes = _class_names(sample_cfg, num_classes)
+    model_classes = getattr(model, "num_classes", None)
+    if isinstance(model_classes, int) and model_classes < num_classes:
+        raise ValueError(f"sample: the model has {model_classes} label embeddings but num_classes is "
+                         f"{num_classes}; use the checkpoint trained for this dataset (model.num_classes)")
+    null_class = None
+    if cfg["guidance"] > 0:
+        # Classifier-free guidance needs the null label the model was trained with (label_dropout > 0),
+        # by convention the index right after the real classes.
+        null_class = int(sample_cfg.get("null_class", num_classes))
+        if isinstance(model_classes, int) and model_classes <= null_class:
+            raise ValueError(f"sample: guidance_scale {cfg['guidance']} needs a null class (index {null_class}) "
+                             f"but the model has only {model_classes} label embeddings; train with "
+                             f"train.label_dropout > 0 or set sample.guidance_scale: 0")
+    if image_shape is None:
+        if not (hasattr(model, "in_chans") and hasattr(model, "img_size")):
+            raise ValueError("sample: the model has no in_chans/img_size; pass image_shape=(C, H, W)")
+        image_shape = (model.in_chans, model.img_size, model.img_size)
+    image_shape = tuple(int(s) for s in image_shape)
+    if not hasattr(diffusion, "dpm_solver_sample"):
+        raise RuntimeError("sample: diffusion.dpm_solver_sample is missing; the sampler module is incomplete")
+
+    device = torch.device(device)
+    checkpoint_sha = file_sha256(checkpoint_path) if checkpoint_path is not None else None
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    amp_dtype = PRECISIONS[cfg["precision"]] if device.type == "cuda" else None  # CPU runs fp32
+    use_tf32 = device.type == "cuda" and cfg["precision"] == "tf32"
+    precision = cfg["precision"] if device.type == "cuda" else "fp32"
+    tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if use_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    K, bs, budget = num_classes, cfg["batch_size"], cfg["budget"]
+    total_cap = cfg["cap"] * K if cfg["cap"] is not None else None
+    images, labels, batch_seconds = [], [], []
+    generated = 0
+    stopped_by = None
+    bar = _progress_bar(total_cap, progress)
+    start = time.perf_counter()
+    try:
+        while True:
+            if total_cap is not None and generated >= total_cap:
+                stopped_by = "cap"
+                break
+            elapsed = time.perf_counter() - start
+            if budget is not None and batch_seconds and elapsed + float(np.mean(batch_seconds)) > budget:
+                stopped_by = "budget"
+                break
+            b = len(batch_seconds)
+            n = bs if total_cap is None else min(bs, total_cap - generated)
+            t0 = time.perf_counter()
+            # Round-robin labels continuing from the previous batch: per-class counts never differ by
+            # more than one, whenever the run stops.
+            y = torch.arange(generated, generated + n, dtype=torch.int64) % K
+            # Draw the full batch's noise even for a short last batch, so image i's noise depends only on
+            # (seed, i // batch_size, i % batch_size), never on the cap.
+            x_T = torch.randn((bs,) + image_shape, generator=batch_generator(cfg["seed"], b))[:n]
+            amp = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with torch.no_grad(), amp:
+                x0 = diffusion.dpm_solver_sample(model, x_T.to(device), y=y.to(device), steps=cfg["steps"],
+                                                 variant=cfg["variant"], guidance_scale=cfg["guidance"],
+                                                 null_class=null_class)
+            images.append(data_mod.from_model_space(x0))  # copies to the CPU, so the batch is finished
+            labels.append(y.numpy())
+            batch_seconds.append(time.perf_counter() - t0)
+            generated += n
+            bar.update(n)
+            bar.set_postfix(img_per_s=f"{generated / (time.perf_counter() - start):.1f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
+    seconds = time.perf_counter() - start
+
+    image_set = {
+        "images": np.concatenate(images, axis=0),
+        "labels": np.concatenate(labels, axis=0).astype(np.int64),
+        "classes": classes,
+    }
+    per_class = np.bincount(image_set["labels"], minlength=K).tolist()
+    manifest = {
+        "count": int(generated),
+        "per_class": per_class,
+        "seconds": seconds,
+        "images_per_second": generated / seconds if seconds > 0 else None,
+        "device": device_name(device),
+        "sampler": "dpm_solver",
+        "variant": cfg["variant"],
+        "steps": cfg["steps"],
+        "seed": cfg["seed"],
+        "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
+        "checkpoint_sha256": checkpoint_sha,
+        "budget_seconds": budget,
+        "overrun_seconds": max(0.0, seconds - budget) if budget is not None else 0.0,
+        "max_per_class": cfg["cap"],
+        "stopped_by": stopped_by,
+        "batch_size": bs,
+        "num_batches": len(batch_seconds),
+        "batch_seconds": batch_seconds,
+        "guidance_scale": cfg["guidance"],
+        "precision": precision,
+        "image_shape": list(image_shape),
+        "num_classes": K,
+        "torch": torch.__version__,
+    }
+    return image_set, manifest
+
+
+def _progress_bar(total, progress):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="sample", disable=not progress, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+def _build(model_cfg, train_cfg=None):
+    """The model params.yaml describes, built as the trainer builds it (with its null class, if any)."""
+    try:
+        from .train import build_model
+    except ImportError:  # the trainer is optional for sampling
+        from .uvit import UViT
+
+        return UViT(**model_cfg)
+    return build_model(model_cfg, train_cfg)
+
+
+def _read_state_dict(path):
+    try:
+        from .weights import load_checkpoint
+    except ImportError:
+        load_checkpoint = None
+    try:
+        if load_checkpoint is not None:
+            return load_checkpoint(path)[0]  # unwraps {'model': ...} wrappers and DDP's 'module.'
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} could not be read as a state dict ({exc}); "
+                              f"delete it and retrain") from exc
+
+
+def _fit_problems(model_cfg, train_cfg, expected, got):
+    """Plain-words reasons why a state dict (shapes ``got``) does not fit the params (shapes ``expected``)."""
+    problems = []
+    null = train_cfg is not None and float(train_cfg.get("label_dropout", 0.0) or 0.0) > 0
+    key = "label_emb.weight"
+    if key in expected and key in got and got[key][0] != expected[key][0]:
+        problems.append(f"the checkpoint has {got[key][0]} label embeddings but params model.num_classes = "
+                        f"{model_cfg.get('num_classes')}" + (" (+1 null class, train.label_dropout > 0)" if null else "")
+                        + f" needs {expected[key][0]}")
+    elif (key in expected) != (key in got):
+        problems.append(f"the checkpoint is {'class-conditional' if key in got else 'unconditional'} but params "
+                        f"model.num_classes = {model_cfg.get('num_classes')}")
+    if "pos_embed" in expected and "pos_embed" in got and got["pos_embed"][1] != expected["pos_embed"][1]:
+        p = int(model_cfg.get("patch_size", 1))
+        extras = 2 if key in got else 1
+        side = int(round(math.sqrt(max(got["pos_embed"][1] - extras, 0)))) * p
+        problems.append(f"the checkpoint's pos_embed has {got['pos_embed'][1]} tokens (image size {side} at "
+                        f"patch {p}) but params model.img_size = {model_cfg.get('img_size')}, "
+                        f"model.patch_size = {p} need {expected['pos_embed'][1]}")
+    pk = "patch_embed.proj.weight"
+    if pk in got and pk in expected and got[pk][1] != expected[pk][1]:
+        problems.append(f"the checkpoint takes {got[pk][1]} image channels but params "
+                        f"model.in_chans = {model_cfg.get('in_chans')}")
+    if not problems:  # something else: name the keys
+        shape_diff = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        detail = [f"{k}: checkpoint {got[k]} vs params {expected[k]}" for k in shape_diff[:6]]
+        if missing:
+            detail.append(f"missing in checkpoint: {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+        if unexpected:
+            detail.append(f"unexpected: {', '.join(unexpected[:6])}" + (" ..." if len(unexpected) > 6 else ""))
+        if detail:
+            problems.append("; ".join(detail) + " (check model.embed_dim, depth, mlp_ratio, conv, "
+                            "mlp_time_embed, qkv_bias against the training run)")
+    return problems
+
+
+def _checked(model_cfg, checkpoint_path, train_cfg=None):
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise MissingCheckpointError(f"checkpoint {path} does not exist; train the model first "
+                                     f"(snakemake {path}) or point the sample step at the right file")
+    state = _read_state_dict(path)
+    model = _build(model_cfg, train_cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = _fit_problems(model_cfg, train_cfg, expected, got)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit params.yaml's model block: "
+                              + "; ".join(problems) + ". Sample with the model params the checkpoint was "
+                              "trained with, or retrain for these params.")
+    return model, state
+
+
+def check_checkpoint(model_cfg, checkpoint_path, train_cfg=None):
+    """Load ``checkpoint_path`` and check it against the model block of params.yaml (and the train
+    block's label_dropout, which adds a null class). Returns the state dict.
+
+    Raises ``MissingCheckpointError`` for a missing file and ``CheckpointError`` naming the params key
+    (``model.num_classes``, ``model.img_size``, ...) for one that does not fit. Reads only."""
+    return _checked(model_cfg, checkpoint_path, train_cfg)[1]
+
+
+def load_model(model_cfg, checkpoint_path, device="cpu", train_cfg=None):
+    """Build the model params.yaml describes, load the checked checkpoint (strict), eval mode."""
+    model, state = _checked(model_cfg, checkpoint_path, train_cfg)
+    try:
+        from .weights import load_state_dict_checked
+    except ImportError:
+        model.load_state_dict(state, strict=True)
+    else:
+        load_state_dict_checked(model, state)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+def _check_image_set(image_set):
+    images, labels, classes = image_set["images"], image_set["labels"], image_set["classes"]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"image set: images must be uint8 [N,H,W,C], got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"image set: labels shape {labels.shape} does not match {images.shape[0]} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"image set: labels must lie in [0, {len(classes)}), the classes array's length")
+
+
+def write(out_dir, image_set, manifest):
+    """Write ``samples.npz`` then ``manifest.json`` into ``out_dir``, both under temporary names.
+
+    Both files are complete on disk before either is renamed; samples are renamed first, the manifest
+    last, so a finished-looking manifest always describes finished samples. The manifest records the
+    samples file's sha256 so a reader can check the pair belongs together."""
+    _check_image_set(image_set)
+    if manifest.get("count") != len(image_set["labels"]):
+        raise ValueError(f"write: manifest count {manifest.get('count')} != {len(image_set['labels'])} images")
+    out_dir = Path(out_dir)
+    samples_path, manifest_path = out_dir / "samples.npz", out_dir / "manifest.json"
+
+    # Exit order of the nested blocks renames samples.npz first, manifest.json second.
+    with atomic_path(manifest_path) as tmp_manifest:
+        with atomic_path(samples_path) as tmp_samples:
+            with open(tmp_samples, "wb") as f:
+                np.savez(f, images=image_set["images"], labels=image_set["labels"].astype(np.int64),
+                         classes=np.asarray(image_set["classes"]).astype(str))
+            full = dict(manifest, samples_sha256=file_sha256(tmp_samples))
+            tmp_manifest.write_text(json.dumps(full, indent=2) + "\n")
+    return samples_path, manifest_path
+
+
+def balanced_prefix(image_set, n_per_class):
+    """The first ``n_per_class`` images of every class, in generation order.
+
+    Nested by construction: prefix(n) is a subset of prefix(m) for n < m. Raises if a class has fewer."""
+    if not (isinstance(n_per_class, (int, np.integer)) and n_per_class > 0):
+        raise ValueError(f"balanced_prefix: n_per_class must be a positive integer, got {n_per_class!r}")
+    labels = np.asarray(image_set["labels"])
+    K = len(image_set["classes"])
+    counts = np.bincount(labels, minlength=K)
+    rank = rank_in_class(labels, K)
+    short = [(str(image_set["classes"][k]), int(counts[k])) for k in range(K) if counts[k] < n_per_class]
+    if short:
+        raise ValueError(f"balanced_prefix: {len(short)} classes have fewer than {n_per_class} images "
+                         f"(e.g. {short[:5]}); sample more (raise sample.budget_seconds/max_per_class) "
+                         f"or ask for fewer per class")
+    keep = np.flatnonzero(rank < n_per_class)
+    return subset(image_set, keep)
+
+
+def rank_in_class(labels, num_classes):
+    """Each image's position within its own class, in generation order (0 for a class's first image)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")  # stable: generation order within a class
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - starts[labels[order]]
+    return rank
+
+
+def subset(image_set, idx):
+    """The images at ``idx`` (order kept); every other key is carried over unchanged."""
+    idx = np.asarray(idx, dtype=np.int64)
+    out = dict(image_set)
+    out["images"] = image_set["images"][idx]
+    out["labels"] = np.asarray(image_set["labels"])[idx].astype(np.int64)
+    return out
+
+
+def _by_class(image_set, images_per_class):
+    """Indices grouped by class in label order, the first ``images_per_class`` of each (generation order)."""
+    pre = balanced_prefix(image_set, images_per_class)
+    order = np.argsort(pre["labels"], kind="stable")  # stable: keeps generation order within a class
+    return subset(pre, order)
+
+
+def _mean_std(mean, std, channels):
+    mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+    std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+    if mean.numel() != channels or std.numel() != channels:
+        raise ValueError(f"export: mean/std need {channels} values (one per channel), got {mean.numel()}/{std.numel()}; "
+                         f"use the dataset's (evaluate.mean/std in params.yaml)")
+    if (std <= 0).any():
+        raise ValueError("export: std must be positive")
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def export_challenge(image_set, mean, std, images_per_class, out_path):
+    """Write the challenge submission tensor (see the module docstring) with torch.save, atomically."""
+    _check_image_set(image_set)
+    grouped = _by_class(image_set, images_per_class)
+    x = torch.from_numpy(grouped["images"]).permute(0, 3, 1, 2).float().div(255.0)
+    m, s = _mean_std(mean, std, x.shape[1])
+    payload = {"images": ((x - m) / s).contiguous(), "labels": torch.from_numpy(grouped["labels"])}
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+    return Path(out_path)
+
+
+def load_challenge(path, mean, std, classes=None):
+    """Load an ``export_challenge`` file back to an image set with uint8 images."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    x = payload["images"].float()
+    m, s = _mean_std(mean, std, x.shape[1])
+    images = ((x * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    labels = payload["labels"].numpy().astype(np.int64)
+    if classes is None:
+        classes = [str(k) for k in range(int(labels.max()) + 1 if len(labels) else 0)]
+    return {"images": images, "labels": labels, "classes": np.array(classes, dtype=str)}
+
+
+def export_pngs(image_set, out_dir):
+    """Write ``{label}_{index}.png`` (index within the class, generation order) into ``out_dir``, atomically."""
+    from PIL import Image
+
+    _check_image_set(image_set)
+    images, labels = image_set["images"], np.asarray(image_set["labels"])
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"export_pngs: need 1 or 3 channels, got {images.shape[-1]}")
+    seen = {}
+    with atomic_dir(out_dir) as tmp:
+        for img, c in zip(images, labels):
+            c = int(c)
+            idx = seen.get(c, 0)
+            seen[c] = idx + 1
+            # A 2-D uint8 array becomes an 8-bit grayscale PNG, H×W×3 an RGB one.
+            pil = Image.fromarray(np.ascontiguousarray(img[..., 0] if img.shape[-1] == 1 else img))
+            pil.save(Path(tmp) / f"{c}_{idx}.png")
+    return Path(out_dir)
+
+
+def load_pngs(png_dir, classes=None):
+    """Read an ``export_pngs`` folder back to an image set (class, then index order)."""
+    from PIL import Image
+
+    files = []
+    for p in Path(png_dir).glob("*.png"):
+        label, index = p.stem.split("_")
+        files.append((int(label), int(index), p))
+    files.sort()
+    images = []
+    for _, _, p in files:
+        a = np.asarray(Image.open(p))
+        images.append(a[..., None] if a.ndim == 2 else a)
+    labels = np.array([f[0] for f in files], dtype=np.int64)
+    if classes is None:
+        classes = [str(k) for k in range(int(labels.max()) + 1 if len(labels) else 0)]
+    return {"images": np.stack(images).astype(np.uint8), "labels": labels, "classes": np.array(classes, dtype=str)}

@@ -1,0 +1,545 @@
+"""Finetune loop for the class-conditional U-ViT: AdamW, linear warm-up, EMA, mixed precision,
+gradient accumulation, DDP under ``torchrun``, atomic checkpoints with resume, and an FID curve.
+
+Determinism by construction. Everything random in optimizer step ``k`` (which images, their flips and
+label drops, the diffusion times t and the noises) is drawn for the whole GLOBAL batch from
+generators seeded by ``(seed, k)``; each DDP rank then takes its slice and each micro-batch a
+sub-slice of it. So the update of step k does not depend on how many processes or micro-batches
+computed it, nor on whether the run was killed and resumed before it:
+
+* 2N steps in one go == N steps, kill, N more steps (bit-exact on CPU);
+* micro-batches 4×256 == one batch of 1024 (up to float summation order);
+* ``torchrun --nproc_per_node 2`` == one process with the same global batch (same tolerance).
+
+Conventions:
+
+* Warm-up: update number ``k`` (1-based) uses ``lr · min(1, k / warmup_steps)``. U-ViT's LambdaLR
+  gives ``lr · min(1, (k-1) / warmup_steps)``, i.e. its first update runs at lr 0; we shift by one
+  step so that no update is wasted. ``warmup_steps: 0`` means constant lr.
+* Weight decay: U-ViT's training script hands every parameter to AdamW with the same weight decay
+  (its ``no_weight_decay()`` is never used), so we do the same. ``train.no_decay_pos_embed: true``
+  (default false) exempts the names in ``model.no_weight_decay()`` instead, the timm convention.
+* EMA: a float32 copy of the model, initialised to the starting weights and updated after every
+  optimizer step with ``ema = d·ema + (1-d)·param`` (as U-ViT: no decay warm-up).
+* Label dropout (classifier-free guidance): when ``train.label_dropout > 0`` the model gets ONE EXTRA
+  class: ``label_emb`` has ``num_classes + 1`` rows and the null class is index ``num_classes``
+  (``model_cfg["num_classes"]`` stays the number of real classes). ``build_model(model_cfg,
+  train_cfg)`` and ``null_class_index(model_cfg, train_cfg)`` apply this rule, so code that loads
+  ``ema.pt`` builds the same shape; the sampler gets ``null_class=null_class_index(...)``.
+* Initial weights: ``build_model`` under ``torch.manual_seed(train.seed)``; then, if given,
+  ``init_state_dict`` (a state dict of exactly that model's shapes is loaded strictly, anything else
+  goes through ``weights.init_from_pretrained``, e.g. a released U-ViT checkpoint).
+"""
+import contextlib
+import copy
+import csv
+import functools
+import hashlib
+import io as _io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from diffdistill import diffusion
+from diffdistill.config import resolve_device
+from diffdistill.data import to_model_space
+from diffdistill.io import atomic_path, save_json
+from diffdistill.uvit import UViT, count_parameters
+
+log = logging.getLogger(__name__)
+
+UVIT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+             "qkv_bias", "mlp_time_embed", "num_classes", "conv", "skip")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Optional train_cfg keys and their defaults (required: steps, batch_size, lr).
+TRAIN_DEFAULTS = {
+    "micro_batch": None,          # None = the per-process batch in one piece
+    "weight_decay": 0.03,
+    "betas": [0.99, 0.999],
+    "warmup_steps": 0,
+    "ema_decay": 0.9999,
+    "precision": "fp32",
+    "label_dropout": 0.0,
+    "hflip": False,
+    "no_decay_pos_embed": False,
+    "checkpoint_every": 1000,
+    "fid_every": 0,
+    "fid_samples": 5000,
+    "seed": 0,
+}
+# Keys that change when or how a run executes but not what it computes: a checkpoint made under
+# other values of these is still resumed. (micro_batch and gpus only change float summation order.)
+NOT_HASHED = ("steps", "checkpoint_every", "fid_every", "micro_batch", "gpus")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, config
+# ----------------------------------------------------------------------------------------------
+
+def null_class_index(model_cfg, train_cfg=None):
+    """Index of the null (unconditional) class when training with label dropout, else None."""
+    if train_cfg is not None and float(train_cfg.get("label_dropout", 0.0)) > 0:
+        return int(model_cfg["num_classes"])
+    return None
+
+
+def build_model(model_cfg, train_cfg=None):
+    """The U-ViT of ``model_cfg``; with ``train_cfg.label_dropout > 0`` one extra (null) class."""
+    kwargs = {k: model_cfg[k] for k in UVIT_ARGS if k in model_cfg}
+    unknown = sorted(set(model_cfg) - set(UVIT_ARGS))
+    if unknown:
+        raise ValueError(f"model config has unknown keys {unknown}; the U-ViT arguments are {list(UVIT_ARGS)}")
+    if null_class_index(model_cfg, train_cfg) is not None:
+        kwargs["num_classes"] = int(model_cfg["num_classes"]) + 1
+    return UViT(**kwargs)
+
+
+def settings(train_cfg):
+    """train_cfg with the defaults filled in (what the run actually uses, and what is hashed)."""
+    missing = [k for k in ("steps", "batch_size", "lr") if k not in train_cfg]
+    if missing:
+        raise ValueError(f"train config lacks {missing}; add them to the dataset's train: block in params.yaml")
+    cfg = dict(TRAIN_DEFAULTS)
+    cfg.update(train_cfg)
+    if cfg["micro_batch"] is None:
+        cfg["micro_batch"] = cfg["batch_size"]
+    cfg["betas"] = [float(b) for b in cfg["betas"]]
+    return cfg
+
+
+def data_fingerprint(images, labels):
+    h = hashlib.sha256()
+    h.update(str((tuple(images.shape), str(images.dtype))).encode())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(labels.astype(np.int64)).data)
+    return h.hexdigest()
+
+
+def config_hash(model_cfg, train_cfg, data_sha=""):
+    """Identity of a run for resuming: the model config, the train config without the keys that do
+    not change the result (NOT_HASHED), and the training data."""
+    cfg = {k: v for k, v in settings(train_cfg).items() if k not in NOT_HASHED}
+    blob = json.dumps({"model": model_cfg, "train": cfg, "data": data_sha}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_at(step, lr, warmup_steps):
+    """Learning rate of update number ``step`` (1-based): linear warm-up, then constant."""
+    if warmup_steps <= 0:
+        return float(lr)
+    return float(lr) * min(1.0, step / warmup_steps)
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay·ema + (1 − decay)·model, parameter by parameter (buffers are copied)."""
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach().float(), alpha=1.0 - decay)
+    for e, b in zip(ema_model.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness of one optimizer step, as a pure function of (seed, step)
+# ----------------------------------------------------------------------------------------------
+
+def _seed(*keys):
+    """A 63-bit seed mixed from non-negative integers (NumPy's SeedSequence hashes them well)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+_DATA, _STEP, _NOISE = 0, 1, 2  # stream tags, so the generators of one step never coincide
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed, epoch, n):
+    g = torch.Generator().manual_seed(_seed(seed, _DATA, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(step, batch_size, n, seed):
+    """Dataset indices of the global batch of update ``step`` (0-based): the stream of samples is a
+    new random permutation of the data every epoch, cut into consecutive batches (each image once per
+    epoch, as a shuffling DataLoader), but computable for any step without replaying earlier ones."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = pos // n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = _epoch_permutation(seed, e, n)[pos[sel] % n]
+    return out
+
+
+def draw_step(step, cfg, n, image_shape, device):
+    """Everything random in update ``step`` (0-based), for the whole global batch."""
+    B = cfg["batch_size"]
+    g = torch.Generator().manual_seed(_seed(cfg["seed"], _STEP, step))
+    flip = torch.rand(B, generator=g) < 0.5
+    drop = torch.rand(B, generator=g) < cfg["label_dropout"]
+    # t and noise are made on the training device (fast on GPU); CPU and CUDA draws differ, the
+    # same device always gives the same numbers.
+    gd = torch.Generator(device=device).manual_seed(_seed(cfg["seed"], _NOISE, step))
+    t = torch.rand(B, generator=gd, device=device)
+    noise = torch.randn((B,) + tuple(image_shape), generator=gd, device=device)
+    return {"idx": batch_indices(step, B, n, cfg["seed"]), "flip": flip, "drop": drop, "t": t, "noise": noise}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and small helpers
+# ----------------------------------------------------------------------------------------------
+
+def _validate(model_cfg, cfg, images, labels, classes, world_size, stop_after):
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"training data has images of shape {tuple(images.shape)}; expected a non-empty "
+                         f"uint8 array [N,H,W,C] (run the data step first, or check the dataset)")
+    if images.dtype != np.uint8:
+        raise ValueError(f"training images are {images.dtype}; expected uint8 [N,H,W,C] in 0..255")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but there are {images.shape[0]} images; "
+                         f"give one int label per image")
+    n_img, H, W, C = images.shape
+    size, chans = model_cfg["img_size"], model_cfg["in_chans"]
+    if (H, W, C) != (size, size, chans):
+        raise ValueError(f"images are {H}x{W} with {C} channels but the model expects {size}x{size} with "
+                         f"{chans}; set model.img_size/in_chans to match data.image_size, or re-prepare the data")
+    num_classes = int(model_cfg["num_classes"])
+    if num_classes > 0:
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels range over {int(labels.min())}..{int(labels.max())} but model.num_classes="
+                             f"{num_classes}; labels must lie in 0..{num_classes - 1} (raise model.num_classes)")
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"the data names {len(classes)} classes but model.num_classes={num_classes}; "
+                             f"set model.num_classes to {len(classes)}")
+    elif cfg["label_dropout"] > 0:
+        raise ValueError("label_dropout > 0 needs a class-conditional model (model.num_classes > 0)")
+    B, mb = int(cfg["batch_size"]), int(cfg["micro_batch"])
+    if B <= 0 or mb <= 0 or B % (mb * world_size):
+        raise ValueError(f"train.batch_size={B} is not divisible by micro_batch × processes = {mb} × {world_size}; "
+                         f"choose a batch_size that is a multiple of {mb * world_size} or change micro_batch")
+    if int(cfg["steps"]) < 1:
+        raise ValueError(f"train.steps={cfg['steps']}; it must be at least 1")
+    if cfg["precision"] not in PRECISIONS:
+        raise ValueError(f"train.precision={cfg['precision']!r}; choose one of {PRECISIONS}")
+    if not 0.0 <= float(cfg["ema_decay"]) <= 1.0:
+        raise ValueError(f"train.ema_decay={cfg['ema_decay']}; it must lie in [0, 1]")
+    if not 0.0 <= float(cfg["label_dropout"]) < 1.0:
+        raise ValueError(f"train.label_dropout={cfg['label_dropout']}; it must lie in [0, 1)")
+    if int(cfg["checkpoint_every"]) < 1 or int(cfg["fid_every"]) < 0 or int(cfg["warmup_steps"]) < 0:
+        raise ValueError("train.checkpoint_every must be >= 1, fid_every and warmup_steps >= 0")
+    if stop_after is not None and int(stop_after) < 1:
+        raise ValueError(f"stop_after={stop_after}; give a positive number of steps or None")
+
+
+def _resolve_precision(requested, device):
+    """(precision actually used, autocast dtype or None). Autocast only on CUDA; CPU runs fp32."""
+    if requested == "fp32":
+        return "fp32", None
+    if device.type != "cuda":
+        log.info("precision %s requested on %s: running fp32 (autocast is used on CUDA only)", requested, device)
+        return "fp32", None
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: running fp32 (set precision: fp16 to use fp16 autocast)")
+        return "fp32", None
+    return requested, (torch.bfloat16 if requested == "bf16" else torch.float16)
+
+
+def _load_init(model, state_dict):
+    """Load starting weights: strictly when every key and shape matches, else adapt a pretrained
+    U-ViT through weights.init_from_pretrained (which raises listing what does not fit)."""
+    own = model.state_dict()
+    if set(state_dict) == set(own) and all(tuple(state_dict[k].shape) == tuple(own[k].shape) for k in own):
+        model.load_state_dict(state_dict, strict=True)
+        return {"copied": sorted(own), "fresh": []}
+    from diffdistill import weights  # only needed to adapt a pretrained checkpoint
+    return weights.init_from_pretrained(model, state_dict)
+
+
+def _all_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _save_torch(path, obj):
+    # Serialise in memory first: a failure while pickling leaves nothing on disk.
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _write_csv(path, header, rows):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in rows:
+                w.writerow([int(r[0])] + [repr(float(v)) for v in r[1:]])
+
+
+def _try_load_state(path, device, want_hash, steps):
+    """The resume state in ``path`` if it belongs to this run, else None (and the reason is logged)."""
+    if not path.exists():
+        return None, "no checkpoint"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # an unreadable file: start over rather than crash (it is rewritten atomically)
+        return None, f"{path} could not be read ({exc})"
+    if state.get("config_hash") != want_hash:
+        return None, (f"{path} was made with another model/train config or data (hash "
+                      f"{state.get('config_hash')} != {want_hash})")
+    if state["step"] > steps:
+        return None, f"{path} is at step {state['step']}, past train.steps={steps}"
+    return state, None
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def train(model_cfg, train_cfg, data, out_dir, init_state_dict=None, eval_fn=None, device="auto",
+          progress=True, stop_after=None):
+    """Train (or finetune) a U-ViT on ``data`` and write checkpoints/{ds}/-style outputs to ``out_dir``.
+
+    ``data``: image set {images uint8 [N,H,W,C], labels int64 [N], classes [K]}.
+    ``eval_fn(ema_model, step) -> fid`` is called every ``fid_every`` steps (if > 0) and at the end.
+    ``stop_after=n``: return after this call has made n optimizer steps, with a checkpoint written
+    (as if killed there). Resumes from ``out_dir/state.pt`` when it belongs to the same run.
+    Returns the train.json summary (plus ``stopped_early``)."""
+    cfg = settings(train_cfg)
+    out_dir = Path(out_dir)
+    images = np.asarray(data["images"])
+    labels = np.asarray(data["labels"]).astype(np.int64)
+    classes = data.get("classes")
+
+    # --- processes: under torchrun WORLD_SIZE > 1 and every process runs this same function
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _validate(model_cfg, cfg, images, labels, classes, world_size, stop_after)
+
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    own_group = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = True
+    try:
+        return _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, device, progress,
+                      stop_after, world_size, rank)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, device, progress, stop_after,
+           world_size, rank):
+    is_main = rank == 0
+    steps, B, mb = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["micro_batch"])
+    local_batch = B // world_size
+    n_micro = local_batch // mb
+    null_class = null_class_index(model_cfg, cfg)
+    conditional = int(model_cfg["num_classes"]) > 0
+    precision, amp_dtype = _resolve_precision(cfg["precision"], device)
+    run_hash = config_hash(model_cfg, cfg, data_fingerprint(images, labels))
+    state_path = out_dir / "state.pt"
+
+    # --- model, EMA, optimizer; the initial weights depend on the seed only
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        model = build_model(model_cfg, cfg)
+        state, why_fresh = _try_load_state(state_path, "cpu", run_hash, steps)
+        init_info = None
+        if state is None and init_state_dict is not None:
+            init_info = _load_init(model, init_state_dict)
+    model.to(device).train()
+    ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    no_decay = set(model.no_weight_decay()) if cfg["no_decay_pos_embed"] else set()
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    history, fid_rows = [], []      # (step, loss, lr), (step, fid)
+    best = {"fid": None, "step": None}
+    start, seconds_before, train_seconds_before, resumed_from = 0, 0.0, 0.0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = resumed_from = int(state["step"])
+        history, fid_rows = [tuple(r) for r in state["history"]], [tuple(r) for r in state["fid"]]
+        best = dict(state["best"])
+        seconds_before, train_seconds_before = float(state["seconds"]), float(state["train_seconds"])
+        if is_main:
+            log.info("resuming from %s at step %d", state_path, start)
+    elif is_main and why_fresh != "no checkpoint":
+        log.warning("starting fresh: %s", why_fresh)
+    del state
+
+    net = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    images_dev = torch.as_tensor(images).to(device)   # uint8: 4× smaller than floats; converted per micro-batch
+    labels_dev = torch.as_tensor(labels).to(device)
+    image_shape = (images.shape[3], images.shape[1], images.shape[2])
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    def write_checkpoint(step):
+        # Never replace a good checkpoint with weights that have gone non-finite.
+        if not (_all_finite(model) and _all_finite(ema)):
+            raise TrainingDiverged(f"the weights became NaN/inf by step {step}; the last checkpoint "
+                                   f"({state_path}) is kept. Lower train.lr or use precision: fp32.")
+        if not is_main:
+            return
+        _save_torch(state_path, {
+            "step": step, "config_hash": run_hash, "model": model.state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "history": [list(r) for r in history], "fid": [list(r) for r in fid_rows], "best": best,
+            "seconds": seconds_before + time.time() - t_start, "train_seconds": train_seconds_before + train_seconds,
+            "model_cfg": model_cfg, "train_cfg": cfg,
+        })
+        _write_csv(out_dir / "loss.csv", ["step", "loss", "lr"], history)
+        if eval_fn is not None:
+            _write_csv(out_dir / "fid_curve.csv", ["step", "fid"], fid_rows)
+
+    def evaluate(step):
+        if not is_main:
+            return
+        fid = float(eval_fn(ema, step))
+        fid_rows.append((step, fid))
+        log.info("step %d: FID %.4g", step, fid)
+        if math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
+            best.update(fid=fid, step=step)
+            _save_torch(out_dir / "best_ema.pt", ema.state_dict())
+
+    t_start, train_seconds, done_here = time.time(), 0.0, 0
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not (progress and is_main))
+    for step in range(start, steps):          # this iteration makes update number step + 1
+        t0 = time.time()
+        lr = lr_at(step + 1, cfg["lr"], cfg["warmup_steps"])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        draws = draw_step(step, cfg, len(images), image_shape, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(n_micro):
+            sl = slice(rank * local_batch + m * mb, rank * local_batch + (m + 1) * mb)
+            idx = draws["idx"][sl].to(device)
+            x0 = to_model_space(images_dev[idx])
+            if cfg["hflip"]:
+                x0 = torch.where(draws["flip"][sl].to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
+            y = None
+            if conditional:
+                y = labels_dev[idx]
+                if null_class is not None:
+                    y = torch.where(draws["drop"][sl].to(device), torch.full_like(y, null_class), y)
+            # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
+            sync = contextlib.nullcontext() if (world_size == 1 or m == n_micro - 1) else net.no_sync()
+            with sync:
+                with autocast():
+                    loss = diffusion.training_loss(net, x0, y, t=draws["t"][sl], noise=draws["noise"][sl])
+                # Each micro-batch loss is a mean over mb samples; dividing by n_micro makes the summed
+                # gradient the mean over this process's slice, and DDP's average over processes makes
+                # it the mean over the global batch.
+                scaled = loss / n_micro
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.detach().float() / n_micro
+        if world_size > 1:
+            dist.all_reduce(loss_sum)            # every process sees the same loss and stops together
+            loss_sum /= world_size
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"the training loss became {loss_value} at step {step + 1} (lr {lr:.3g}, precision {precision}); "
+                f"the last good checkpoint {state_path} is kept. Lower train.lr (or raise warmup_steps), "
+                f"or use precision: fp32.")
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        ema_update(ema, model, cfg["ema_decay"])
+        done = step + 1
+        done_here += 1
+        history.append((done, loss_value, lr))
+        train_seconds += time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{done_here * B / max(train_seconds, 1e-9):.1f}")
+
+        if eval_fn is not None and ((cfg["fid_every"] > 0 and done % cfg["fid_every"] == 0) or done == steps):
+            evaluate(done)
+        stopping = stop_after is not None and done_here >= stop_after and done < steps
+        if done % cfg["checkpoint_every"] == 0 or done == steps or stopping:
+            write_checkpoint(done)
+        if stopping:
+            bar.close()
+            return _summary(cfg, history, done, seconds_before + time.time() - t_start,
+                            train_seconds_before + train_seconds, device, precision, world_size, resumed_from,
+                            run_hash, best, null_class, model, init_info, stopped_early=True)
+    bar.close()
+
+    if start == steps and eval_fn is not None and not any(s == steps for s, _ in fid_rows):
+        evaluate(steps)   # resumed a finished state whose final FID was never recorded
+        write_checkpoint(steps)
+    summary = _summary(cfg, history, steps, seconds_before + time.time() - t_start,
+                       train_seconds_before + train_seconds, device, precision, world_size, resumed_from,
+                       run_hash, best, null_class, model, init_info, stopped_early=False)
+    if is_main:
+        if start == steps:   # nothing trained in this call: make sure the state's files are all there
+            _write_csv(out_dir / "loss.csv", ["step", "loss", "lr"], history)
+            if eval_fn is not None:
+                _write_csv(out_dir / "fid_curve.csv", ["step", "fid"], fid_rows)
+        _save_torch(out_dir / "ema.pt", ema.state_dict())
+        save_json(out_dir / "train.json", summary)
+    if world_size > 1:
+        dist.barrier()    # every process returns once the outputs exist
+    return summary
+
+
+def _summary(cfg, history, step, seconds, train_seconds, device, precision, world_size, resumed_from, run_hash,
+             best, null_class, model, init_info, stopped_early):
+    B = int(cfg["batch_size"])
+    last = [r[1] for r in history[-100:]]
+    return {
+        "steps": step,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(step * B / train_seconds, 3) if train_seconds > 0 else None,
+        "final_loss": history[-1][1] if history else None,
+        "final_loss_mean100": float(np.mean(last)) if last else None,
+        "device": str(device),
+        "precision": precision,
+        "world_size": world_size,
+        "resumed_from": resumed_from,
+        "batch_size": B,
+        "micro_batch": int(cfg["micro_batch"]),
+        "null_class": null_class,
+        "parameters": count_parameters(model),
+        "best_fid": best["fid"],
+        "best_fid_step": best["step"],
+        "init": None if init_info is None else {k: len(v) for k, v in init_info.items()},
+        "config_hash": run_hash,
+        "stopped_early": stopped_early,
+    }

@@ -1,0 +1,128 @@
+"""audit.py: the memorisation audit and the budget sweep, on made data."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill import audit
+from diffdistill.io import save_json
+
+
+def _set(n, seed, hw=8, c=1):
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 256, (n, hw, hw, c), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n).astype(np.int64), "classes": np.array([str(i) for i in range(10)])}
+
+
+def _features_fn():
+    # a fixed random projection + ReLU: a stand-in for a ConvNet's .features
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    return lambda imgs: torch.relu(torch.as_tensor(imgs).reshape(len(imgs), -1).float() / 255.0 @ w)
+
+
+@pytest.fixture(scope="module")
+def made():
+    train, test = _set(300, 1), _set(120, 2)
+    fresh = _set(3, 3)["images"]
+    copy = train["images"][[17]]
+    samples = {"images": np.concatenate([copy, fresh]), "labels": np.zeros(4, np.int64), "classes": train["classes"]}
+    return samples, train, test
+
+
+def test_audit_flags_exact_copy_not_fresh(made):
+    samples, train, test = made
+    r = audit.audit(samples, train, test, features_fn=_features_fn(), batch_size=64)
+    for space in ("pixel", "feature"):
+        sp = r["spaces"][space]
+        assert list(sp["flagged"]) == [0], space  # the copy, and none of the 3 fresh images
+        assert sp["gen_nn_index"][0] == 17 and sp["gen_nn_dist"][0] == 0.0
+        assert sp["share_flagged"] == pytest.approx(0.25)
+        assert sp["gen_exact_copies"] == 1 and sp["closest_pairs"][0]["train_index"] == 17
+        assert np.all(sp["gen_nn_dist"][1:] > sp["threshold_min_test"])
+    assert (r["n_generated"], r["n_train"], r["n_test"]) == (4, 300, 120)
+
+
+def test_nearest_neighbours_match_brute_force():
+    q, ref = _set(37, 5)["images"], _set(90, 6)["images"]
+    d, i = audit.nearest_neighbours(q, ref, batch_size=16)
+    full = np.linalg.norm(q.reshape(37, 1, -1) / 255.0 - ref.reshape(1, 90, -1) / 255.0, axis=2)
+    np.testing.assert_array_equal(i, full.argmin(1))
+    np.testing.assert_allclose(d, full.min(1), rtol=1e-6)
+
+
+def test_exact_copy_flagged_even_when_test_has_duplicates(made):
+    samples, train, test = made
+    test = {**test, "images": np.concatenate([test["images"], train["images"][[3]]])}  # min test distance = 0
+    sp = audit.audit(samples, train, test)["spaces"]["pixel"]
+    assert sp["threshold_min_test"] == 0.0 and sp["test_exact_duplicates"] == 1
+    assert list(sp["flagged"]) == [0]
+
+
+def test_audit_rejects_bad_input(made):
+    samples, train, test = made
+    with pytest.raises(ValueError, match="uint8"):
+        audit.audit({"images": samples["images"].astype(np.float32)}, train, test)
+    with pytest.raises(ValueError, match="shapes differ"):
+        audit.audit(_set(2, 0, hw=4), train, test)
+
+
+def test_write_audit(tmp_path, made):
+    samples, train, test = made
+    r = audit.audit(samples, train, test, features_fn=_features_fn())
+    data = audit.write_audit(r, tmp_path / "audit.json", tmp_path / "hist.png", tmp_path / "pairs.png")
+    j = json.loads((tmp_path / "audit.json").read_text())
+    assert j["spaces"]["pixel"]["flagged"] == [0] and "_images" not in j
+    assert len(j["spaces"]["feature"]["gen_nn_dist"]) == 4 and len(j["spaces"]["pixel"]["test_nn_dist"]) == 120
+    assert set(data["hist"]) == {"pixel", "feature"} and data["pairs"]["pixel"][0][:2] == (0, 17)
+    assert (tmp_path / "hist.png").stat().st_size > 0 and (tmp_path / "pairs.png").stat().st_size > 0
+
+
+MANIFEST = {"count": 1000, "per_class": {str(k): 100 for k in range(10)}, "seconds": 10.0,
+            "timeline": [[250 * (i + 1), 0.5 + 2.5 * (i + 1)] for i in range(4)]}
+
+
+def test_sweep_points_from_timeline():
+    pts = audit.sweep_points(MANIFEST, [10, 25, 50, 100])
+    # 100 images lie in the first batch (done at 3.0 s); 250 exactly at its end; 500 after batch 2
+    assert [p["n_images"] for p in pts] == [100, 250, 500, 1000]
+    assert [p["seconds"] for p in pts] == [3.0, 3.0, 5.5, 10.5]
+    with pytest.raises(ValueError, match="only 100 per class"):
+        audit.sweep_points(MANIFEST, [200])
+
+
+def test_linear_fit():
+    x = np.arange(10.0)
+    fit = audit.linear_fit(x, 0.02 * x + 1.5)
+    assert fit["slope"] == pytest.approx(0.02) and fit["intercept"] == pytest.approx(1.5) and fit["r2"] == pytest.approx(1.0)
+    noisy = audit.linear_fit(x, 0.02 * x + np.random.default_rng(0).normal(0, 0.05, 10))
+    assert 0.0 < noisy["r2"] < 1.0
+
+
+def test_summarize_and_fig_sweep(tmp_path):
+    accs = {("synthetic", 10): [0.5, 0.6, 0.7], ("synthetic", 50): [0.8, 0.82, 0.84],
+            ("random_real", 10): [0.4, 0.45, 0.5], ("random_real", 50): [0.7, 0.7, 0.7]}
+    paths = []
+    for (name, ipc), runs in accs.items():
+        for seed, a in enumerate(runs):
+            p = tmp_path / "sweep" / f"{name}_ipc{ipc}_seed{seed}.json"
+            save_json(p, {"accuracy": a, "per_class_accuracy": [a] * 10, "n_train": ipc * 10,
+                          "loss_curve": [1.0], "seed": seed, "name": p.stem})
+            paths.append(p)
+    res = audit.summarize_sweep(paths, manifest=MANIFEST)
+    rows = {(r["set"], r["images_per_class"]): r for r in res["curve"]}
+    assert set(rows) == set(accs)
+    for key, runs in accs.items():
+        assert rows[key]["runs"] == runs and rows[key]["mean"] == pytest.approx(np.mean(runs))
+        assert rows[key]["seeds"] == [0, 1, 2] and rows[key]["n_images"] == key[1] * 10
+    assert rows[("synthetic", 50)]["sampling_seconds"] == 5.5
+    assert res["linear_fit"]["r2"] == pytest.approx(1.0) and res["linear_fit"]["slope"] == pytest.approx(0.01)
+    data = audit.write_sweep(res, tmp_path / "sweep.json", tmp_path / "sweep.png")
+    assert data["accuracy_vs_ipc"]["synthetic"]["x"] == [10, 50]
+    assert data["accuracy_vs_ipc"]["random_real"]["y"] == pytest.approx([0.45, 0.7])
+    assert data["accuracy_vs_seconds"]["synthetic"]["x"] == [3.0, 5.5]
+    assert data["seconds_vs_images"]["x"] == [250, 500, 750, 1000]
+    assert json.loads((tmp_path / "sweep.json").read_text())["curve"][0]["set"] == "random_real"
+    assert (tmp_path / "sweep.png").exists()
+    with pytest.raises(ValueError, match="sweep result name"):
+        audit.summarize_sweep([tmp_path / "other.json"])

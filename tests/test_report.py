@@ -1,0 +1,193 @@
+"""report.py: every table and figure built from made inputs, content checked."""
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import yaml
+
+from diffdistill import report
+from diffdistill.io import save_json, save_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+S2_100 = dict(img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4,
+              qkv_bias=False, mlp_time_embed=False, num_classes=100, conv=True, skip=True)
+M4_200 = dict(img_size=64, patch_size=4, in_chans=3, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4,
+              qkv_bias=False, mlp_time_embed=False, num_classes=200, conv=True, skip=True)
+TINY = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+            qkv_bias=False, mlp_time_embed=False, num_classes=10, conv=True, skip=True)
+
+
+def _summary(syn=0.9, rnd=0.8, full=0.97, k=10):
+    return {"synthetic": {"mean": syn, "std": 0.01, "runs": [syn - 0.01, syn, syn + 0.01]},
+            "full_real": {"mean": full, "std": 0.0, "runs": [full] * 3},
+            "random_real": {"mean": rnd, "std": 0.02, "runs": [rnd - 0.02, rnd, rnd + 0.02]},
+            "n_synthetic": 10 * k, "gain_over_random": syn - rnd, "gap_to_full": full - syn,
+            "per_class": {"synthetic": [0.5 + i / 40 for i in range(k)]}}
+
+
+def _image_set(k, n_per_class, hw=8, c=1, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(k), n_per_class).astype(np.int64)
+    return {"images": rng.integers(0, 256, (len(labels), hw, hw, c), dtype=np.uint8), "labels": labels,
+            "classes": np.array([f"class{i}" for i in range(k)])}
+
+
+def make_run(root, ds, k=10, steps=(0, 100, 200), fid=12.5, fid_key="fid_convnet", seconds=61.25):
+    """Write every file the pipeline produces for one dataset."""
+    p = report.dataset_paths(ds, root)
+    save_json(p["summary"], _summary(k=k))
+    for s in range(3):
+        save_json(p["eval_dir"] / f"synthetic_seed{s}.json",
+                  {"accuracy": 0.9, "per_class_accuracy": [0.9] * k, "n_train": 10 * k,
+                   "loss_curve": [2.0, 1.0, 0.5], "seed": s, "name": f"synthetic_seed{s}"})
+    save_json(p["fid"], {fid_key: fid, "n_samples": 100})
+    save_npz(p["samples"], **_image_set(k, 2))
+    save_json(p["manifest"], {"count": 2 * k, "per_class": {str(i): 2 for i in range(k)}, "seconds": 4.0,
+                              "images_per_second": 5.0 * k, "device": "cpu", "variant": "fast", "steps": 50,
+                              "seed": 0, "budget_seconds": 5, "overrun_seconds": 0.0, "batch_size": k,
+                              "timeline": [[k, 2.0], [2 * k, 4.0]]})
+    p["loss"].parent.mkdir(parents=True, exist_ok=True)
+    p["loss"].write_text("step,loss,lr\n" + "".join(f"{i},{1.0 / (i + 1)},{2e-4}\n" for i in range(1, 101)))
+    p["fid_curve"].write_text("step,fid\n" + "".join(f"{s},{100.0 / (i + 1)}\n" for i, s in enumerate(steps)))
+    save_json(p["train_json"], {"steps": 200, "seconds": 50.0, "images_per_second": 10.0, "final_loss": 0.01,
+                                "device": "cpu", "precision": "fp32"})
+    p["benchmark"].parent.mkdir(parents=True, exist_ok=True)
+    p["benchmark"].write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                              f"{seconds}\t0:01:01\t500.1\t900.2\tNA\tNA\t0.1\t0.2\t95.0\t58.0\n")
+    return p
+
+
+def test_table_models_counts_parameters_from_instantiated_models(tmp_path):
+    rows = report.table_models({"cifar100": S2_100, "tinyimagenet": M4_200}, tmp_path / "m.md", tmp_path / "m.csv")
+    cif, tin = rows
+    assert cif["parameters"] == 44_307_040
+    assert cif["model"] == "U-ViT-S/2" and tin["model"] == "U-ViT-M/4"
+    assert (cif["layers"], cif["depth"], cif["hidden_size"], cif["mlp_size"], cif["heads"]) == (13, 12, 512, 2048, 8)
+    assert (tin["layers"], tin["hidden_size"], tin["mlp_size"], tin["heads"]) == (17, 768, 3072, 12)
+    assert 125e6 < tin["parameters"] < 135e6  # the paper's 131M
+    md = (tmp_path / "m.md").read_text()
+    assert "44307040" in md and "depth + 1" in md
+    with open(tmp_path / "m.csv") as f:
+        assert [r["parameters"] for r in csv.DictReader(f)] == ["44307040", str(tin["parameters"])]
+
+
+def test_table_fid_reads_fid_sampler_and_benchmark(tmp_path):
+    p = make_run(tmp_path, "digits", fid=12.5, seconds=61.25)
+    rows = report.table_fid({"digits": p, "cifar100": report.dataset_paths("cifar100", tmp_path)},
+                            tmp_path / "fid.md", tmp_path / "fid.csv")
+    d, c = rows
+    assert d["_fid"] == 12.5 and d["fid_features"] == "ConvNet"
+    assert d["sampler"] == "DPM-Solver (fast)" and d["steps"] == 50
+    assert d["_train_seconds"] == pytest.approx(61.25) and d["train_hms"] == "0:01:01"
+    assert c["fid"] == "not run" and c["train_seconds"] == "not run" and c["paper_fid"] == 39.85
+    assert "12.50" in (tmp_path / "fid.md").read_text()
+
+
+def test_benchmark_mean_over_repeats_and_bad_file(tmp_path):
+    b = tmp_path / "b.tsv"
+    b.write_text("s\th:m:s\tmax_rss\n10.0\t0:00:10\t1\n20.0\t0:00:20\t1\n")
+    assert report.read_benchmark_seconds(b) == 15.0
+    b.write_text("time\n3\n")
+    with pytest.raises(ValueError, match="benchmark"):
+        report.read_benchmark_seconds(b)
+
+
+def test_table_results_and_summary(tmp_path):
+    p = make_run(tmp_path, "digits")
+    rows = report.table_results({"digits": p, "cifar100": report.dataset_paths("cifar100", tmp_path)},
+                                tmp_path / "r.md", tmp_path / "r.csv")
+    d, c = rows
+    assert d["synthetic"] == "0.9000 ± 0.0100" and d["random_real"] == "0.8000 ± 0.0200"
+    assert d["gain_over_random"] == "+0.1000" and d["gap_to_full"] == "+0.0700"
+    assert d["images_per_class"] == "2" and d["sampling_seconds"] == 4.0 and d["fid"] == "12.50 (ConvNet)"
+    assert c["synthetic"] == "not run" and c["fid"] == "not run"
+    out = report.table_summary(p["summary"], tmp_path / "s.md", dataset="digits")
+    assert [r["set"] for r in out["rows"]] == ["synthetic", "random_real", "full_real"]
+    text = (tmp_path / "s.md").read_text()
+    assert "0.8900, 0.9000, 0.9100" in text and "per-class accuracy" in text
+
+
+def test_fig_fid_curve_one_line_per_dataset(tmp_path):
+    a = make_run(tmp_path, "digits", steps=(0, 50, 100, 150))
+    b = make_run(tmp_path, "cifar100", k=3, steps=(500, 1000))
+    data = report.fig_fid_curve({"digits": a["fid_curve"], "cifar100": b["fid_curve"],
+                                 "tinyimagenet": tmp_path / "missing.csv"}, tmp_path / "fid.png")
+    assert set(data) == {"digits", "cifar100"}
+    assert data["digits"]["step"] == [0, 50, 100, 150] and data["cifar100"]["fid"] == [100.0, 50.0]
+    assert (tmp_path / "fid.png").stat().st_size > 0
+
+
+def test_fig_leaderboard_bars_and_not_run(tmp_path, monkeypatch):
+    p = make_run(tmp_path, "cifar100", k=4)
+    figs = []
+    monkeypatch.setattr(report, "_save_fig", lambda fig, out: (figs.append(fig), Path(out).write_bytes(b"x")))
+    data = report.fig_leaderboard({"cifar100": p["summary"], "tinyimagenet": None, "digits": _summary()},
+                                  tmp_path / "lb.png")
+    assert data["groups"] == ["cifar100", "tinyimagenet", "digits"]
+    teams = [b for b in data["bars"] if not b["ours"]]
+    ours = [b for b in data["bars"] if b["ours"]]
+    assert len(teams) == 10 and {b["value"] for b in teams if b["label"] == "zheli"} == {0.3756, 0.2353}
+    assert [(b["group"], b["value"]) for b in ours] == [("cifar100", 0.9), ("digits", 0.9)]
+    assert data["not_run"] == ["tinyimagenet"]
+    ax = figs[0].axes[0]
+    assert len(ax.patches) == 12  # 10 team bars + 2 of ours
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("not run") == 1
+    # the not-run dataset never shows a number in our slot: its only text is "not run"
+    assert ax.get_ylabel() == "test accuracy"
+    hatched = [r for r in ax.patches if r.get_hatch()]
+    assert sorted(r.get_height() for r in hatched) == [0.9, 0.9]
+
+
+@pytest.mark.parametrize("k,grids,shape", [(10, 1, (1, 10)), (200, 2, (10, 10))])
+def test_fig_class_grid_sizes(tmp_path, k, grids, shape):
+    s = _image_set(k, 1, hw=4, c=3 if k > 10 else 1)
+    s["labels"] = s["labels"][::-1].copy()  # first image of class j is not at index j
+    outs = report.class_grid_paths("ds", k, tmp_path)
+    assert len(outs) == grids
+    res = report.fig_class_grid(s, outs)
+    assert len(res) == grids and all(Path(o).exists() for o in outs)
+    assert res[0]["shape"] == shape and sum(len(g["classes"]) for g in res) == k
+    assert res[-1]["classes"][-1] == f"class{k - 1}"
+    assert res[0]["indices"][0] == k - 1  # the image labelled 0 sits last
+    with pytest.raises(ValueError, match="output paths"):
+        report.fig_class_grid(s, outs[:1] if grids == 2 else outs * 2)
+
+
+def test_fig_loss_curves(tmp_path):
+    p = make_run(tmp_path, "digits")
+    evals = sorted(p["eval_dir"].glob("*.json"))
+    data = report.fig_loss_curves(p["loss"], tmp_path / "loss.png", eval_jsons=evals)
+    assert data["diffusion"]["step"][:2] == [1, 2] and data["diffusion"]["loss"][0] == 0.5
+    assert set(data["convnet"]) == {"synthetic_seed0", "synthetic_seed1", "synthetic_seed2"}
+    assert (tmp_path / "loss.png").exists()
+
+
+def test_build_report_with_one_dataset_missing(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["digits"]["model"] = TINY  # cheap; parameter counts still come from instantiation
+    make_run(tmp_path, "digits")
+    out = report.build_report(params, ["digits", "cifar100"], root=tmp_path, out_dir="results")
+    res = tmp_path / "results"
+    for f in ["tables/models.md", "tables/fid.md", "tables/results.md", "tables/digits_summary.md",
+              "figures/fid_curve.png", "figures/leaderboard.png", "figures/digits_classes.png",
+              "figures/digits_loss.png", "plots/digits_fid_curve.csv", "plots/digits_diffusion_loss.csv",
+              "metrics.json"]:
+        assert (res / f).exists(), f
+    assert not (res / "tables/cifar100_summary.md").exists()
+    assert any("cifar100" in what for what, _ in out["skipped"])
+    results_md = (res / "tables/results.md").read_text()
+    assert "| CIFAR-100 | not run" in results_md and "0.9000 ± 0.0100" in results_md
+    assert "44307040" in (res / "tables/models.md").read_text()
+    m = json.loads((res / "metrics.json").read_text())
+    assert set(m) == {"digits"} and m["digits"]["synthetic_acc"] == 0.9 and m["digits"]["fid_convnet"] == 12.5
+    # no stray temporary files
+    assert not [f for f in res.rglob("*") if ".tmp" in f.name]
+
+
+def test_agg_backend():
+    assert matplotlib.get_backend().lower() == "agg"

@@ -1,0 +1,285 @@
+"""Tests of the finetune loop on a tiny U-ViT (img 8, patch 2, D 32, depth 2, heads 2) and made data."""
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill import diffusion
+from diffdistill.train import (TrainingDiverged, batch_indices, build_model, draw_step, ema_update, lr_at,
+                               null_class_index, settings, train)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_worker import TINY_MODEL, TINY_TRAIN, make_data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / "ddp_worker.py"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def run(out, data=None, stop_after=None, **overrides):
+    return train(TINY_MODEL, {**TINY_TRAIN, **overrides}, make_data() if data is None else data, out,
+                 device="cpu", progress=False, stop_after=stop_after)
+
+
+def state(out):
+    return torch.load(Path(out) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, exact=True, rtol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            rel = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
+            assert rel < rtol, (k, float(rel))
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def worker_env():
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               DD_THREADS=str(torch.get_num_threads()))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def test_stop_after_then_resume_equals_uninterrupted(tmp_path):
+    full = run(tmp_path / "full", steps=6, checkpoint_every=100)
+    part = run(tmp_path / "part", steps=6, checkpoint_every=100, stop_after=3)
+    assert part["stopped_early"] and state(tmp_path / "part")["step"] == 3
+    assert not (tmp_path / "part" / "ema.pt").exists()          # a kill leaves no finished-looking output
+    rest = run(tmp_path / "part", steps=6, checkpoint_every=100)
+    assert rest["resumed_from"] == 3 and full["resumed_from"] is None
+    a, b = state(tmp_path / "full"), state(tmp_path / "part")
+    assert_same(a["model"], b["model"])
+    assert_same(a["ema"], b["ema"])
+    ema_a = torch.load(tmp_path / "full" / "ema.pt", weights_only=True)
+    assert_same(ema_a, torch.load(tmp_path / "part" / "ema.pt", weights_only=True))
+    assert_same(ema_a, a["ema"])
+    # loss.csv is continuous across the stop: identical to the uninterrupted one
+    assert (tmp_path / "full" / "loss.csv").read_text() == (tmp_path / "part" / "loss.csv").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "part" / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((tmp_path / "part" / "train.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from"] == 3 and summary["world_size"] == 1
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    cfg = dict(steps=6, checkpoint_every=2)
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "killed"), json.dumps(cfg), "--slow", "0.25"],
+                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "killed" / "state.pt").exists():
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.time() < deadline, "worker wrote no checkpoint"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = state(tmp_path / "killed")["step"]
+    assert killed_at in (2, 4) and not (tmp_path / "killed" / "ema.pt").exists()
+    resumed = run(tmp_path / "killed", **cfg)
+    assert resumed["resumed_from"] == killed_at
+    run(tmp_path / "ref", **cfg)
+    assert_same(state(tmp_path / "ref")["model"], state(tmp_path / "killed")["model"])
+    assert_same(torch.load(tmp_path / "ref" / "ema.pt", weights_only=True),
+                torch.load(tmp_path / "killed" / "ema.pt", weights_only=True))
+    assert (tmp_path / "ref" / "loss.csv").read_text() == (tmp_path / "killed" / "loss.csv").read_text()
+    # a kill mid-write may leave a temporary file, never a finished-looking one
+    names = {p.name for p in (tmp_path / "killed").iterdir()}
+    assert {n for n in names if ".tmp" not in n} == {"state.pt", "loss.csv", "ema.pt", "train.json"}
+
+
+def test_resume_only_when_config_matches(tmp_path, caplog):
+    run(tmp_path, steps=2)
+    assert run(tmp_path, steps=3)["resumed_from"] == 2           # more steps: same run, continue
+    with caplog.at_level("WARNING", logger="diffdistill.train"):
+        fresh = run(tmp_path, steps=3, lr=5e-4)                  # another lr: another run
+    assert fresh["resumed_from"] is None
+    assert "starting fresh" in caplog.text and "hash" in caplog.text
+    data = make_data(seed=1)                                     # other data: another run too
+    assert run(tmp_path, data=data, steps=3, lr=5e-4)["resumed_from"] is None
+
+
+# ---------------------------------------------------------------------------------------------- equivalences
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    run(tmp_path / "one", steps=3, micro_batch=32, checkpoint_every=100)
+    run(tmp_path / "acc", steps=3, micro_batch=8, checkpoint_every=100)
+    a, b = state(tmp_path / "one"), state(tmp_path / "acc")
+    assert_same(a["model"], b["model"], exact=False, rtol=1e-6)
+    assert_same(a["ema"], b["ema"], exact=False, rtol=1e-6)
+    assert np.allclose([r[1] for r in a["history"]], [r[1] for r in b["history"]], rtol=1e-6)
+    torch.manual_seed(TINY_TRAIN["seed"])
+    init = build_model(TINY_MODEL).state_dict()                 # the comparison is not vacuous:
+    assert all(not torch.equal(init[k], a["model"][k]) for k in init)   # every tensor was trained
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    cfg = dict(steps=3, micro_batch=8, checkpoint_every=100)     # 2 processes × 2 micro-batches × 8 = 32
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER),
+                           str(tmp_path / "ddp"), json.dumps(cfg)],
+                          env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(tmp_path / "single", steps=3, micro_batch=32, checkpoint_every=100)
+    a, b = state(tmp_path / "single"), state(tmp_path / "ddp")
+    assert_same(a["model"], b["model"], exact=False, rtol=1e-6)
+    assert_same(a["ema"], b["ema"], exact=False, rtol=1e-6)
+    assert np.allclose([r[1] for r in a["history"]], [r[1] for r in b["history"]], rtol=1e-6)
+    summary = json.loads((tmp_path / "ddp" / "train.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    # only rank 0 wrote: no stray temporary files from a second writer
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["ema.pt", "loss.csv", "state.pt", "train.json"]
+
+
+def test_draws_are_a_function_of_seed_and_step():
+    cfg = settings({**TINY_TRAIN, "batch_size": 8})
+    a, b, c = (draw_step(k, cfg, 40, (3, 8, 8), torch.device("cpu")) for k in (3, 3, 4))
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["noise"], c["noise"]) and not torch.equal(a["t"], c["t"])
+    # one epoch of 40 images in batches of 8 visits every image exactly once
+    epoch = torch.cat([batch_indices(k, 8, 40, seed=0) for k in range(5)])
+    assert sorted(epoch.tolist()) == list(range(40))
+    # a batch that straddles two epochs (40 = 1.25 × 32) takes the end of one and the start of the next
+    assert len(batch_indices(1, 32, 40, seed=0)) == 32
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, steps=6, checkpoint_every=2, stop_after=2)
+    before = {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert set(before) == {"state.pt", "loss.csv"}
+    original, calls = diffusion.training_loss, []
+
+    def nan_on_second_call(*args, **kwargs):                     # resumed at 2: the 2nd call is step 4
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(diffusion, "training_loss", nan_on_second_call)
+    with pytest.raises(TrainingDiverged, match=r"step 4.*kept.*Lower train.lr.*fp32"):
+        run(tmp_path, steps=6, checkpoint_every=2)
+    after = {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before                                       # state.pt untouched, nothing new
+    assert state(tmp_path)["step"] == 2
+
+
+def test_huge_lr_diverges_with_clear_error(tmp_path):
+    with pytest.raises(TrainingDiverged, match="became (nan|inf).*step"):
+        run(tmp_path, steps=10, lr=1e30, warmup_steps=0, checkpoint_every=100)
+    assert not (tmp_path / "state.pt").exists()
+    assert issubclass(TrainingDiverged, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _bad(kind):
+    d = make_data()
+    model, cfg = dict(TINY_MODEL), dict(TINY_TRAIN)
+    if kind == "empty":
+        d = {**d, "images": d["images"][:0], "labels": d["labels"][:0]}
+    elif kind == "label":
+        d["labels"] = d["labels"].copy()
+        d["labels"][0] = 4
+    elif kind == "negative":
+        d["labels"] = d["labels"].copy()
+        d["labels"][0] = -1
+    elif kind == "size":
+        model["img_size"] = 16
+    elif kind == "channels":
+        d = {**d, "images": d["images"][..., :1]}
+    elif kind == "batch":
+        cfg["micro_batch"] = 12
+    elif kind == "classes":
+        model["num_classes"] = 6
+    return model, cfg, d
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("empty", "non-empty"), ("label", "labels range over 0..4"), ("negative", "labels range over -1"),
+    ("size", "expects 16x16"), ("channels", "with 1 channels"), ("batch", "not divisible by micro_batch"),
+    ("classes", "names 4 classes"),
+])
+def test_bad_input_raises_before_writing(tmp_path, kind, match):
+    model, cfg, d = _bad(kind)
+    with pytest.raises(ValueError, match=match):
+        train(model, cfg, d, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+def test_ema_math(tmp_path):
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ea, pb = a.weight.detach().clone(), b.weight.detach().clone()
+    ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * ea + 0.1 * pb)
+    # in training: one step with decay 0.25 -> ema = 0.25 · initial + 0.75 · updated
+    run(tmp_path, steps=1, ema_decay=0.25)
+    torch.manual_seed(TINY_TRAIN["seed"])
+    init = build_model(TINY_MODEL).state_dict()
+    s = state(tmp_path)
+    for k in init:
+        assert torch.allclose(s["ema"][k], 0.25 * init[k] + 0.75 * s["model"][k], atol=1e-7), k
+    assert not torch.equal(s["ema"]["pos_embed"], s["model"]["pos_embed"])
+
+
+def test_warmup_lr(tmp_path):
+    assert [lr_at(k, 1e-3, 4) for k in (1, 2, 3, 4, 5, 100)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    assert lr_at(1, 2e-4, 0) == 2e-4
+    run(tmp_path, steps=6, warmup_steps=4)
+    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    assert [float(r["lr"]) for r in rows] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_fid_curve_and_best_ema(tmp_path):
+    fids, seen = {2: 5.0, 4: 3.0, 5: 4.0}, {}
+
+    def fake_fid(ema_model, step):
+        assert isinstance(ema_model, torch.nn.Module) and not ema_model.training
+        seen[step] = {k: v.clone() for k, v in ema_model.state_dict().items()}
+        return fids[step]
+
+    summary = train(TINY_MODEL, {**TINY_TRAIN, "steps": 5, "fid_every": 2}, make_data(), tmp_path,
+                    eval_fn=fake_fid, device="cpu", progress=False)
+    assert sorted(seen) == [2, 4, 5]                               # every fid_every steps and at the end
+    rows = list(csv.DictReader(open(tmp_path / "fid_curve.csv")))
+    assert [(int(r["step"]), float(r["fid"])) for r in rows] == [(2, 5.0), (4, 3.0), (5, 4.0)]
+    assert_same(torch.load(tmp_path / "best_ema.pt", weights_only=True), seen[4])
+    assert summary["best_fid"] == 3.0 and summary["best_fid_step"] == 4
+
+
+def test_label_dropout_null_class_and_cpu_precision(tmp_path):
+    cfg = {**TINY_TRAIN, "label_dropout": 0.5, "precision": "bf16", "hflip": True}
+    assert null_class_index(TINY_MODEL, cfg) == 4 and null_class_index(TINY_MODEL, TINY_TRAIN) is None
+    assert build_model(TINY_MODEL, cfg).label_emb.weight.shape == (5, 32)
+    summary = train(TINY_MODEL, {**cfg, "steps": 2}, make_data(), tmp_path, device="cpu", progress=False)
+    assert summary["null_class"] == 4 and summary["precision"] == "fp32"      # CPU never autocasts
+    ema = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert ema["label_emb.weight"].shape == (5, 32)
+    # the null row was trained (some labels were dropped): it moved away from its initial value
+    torch.manual_seed(TINY_TRAIN["seed"])
+    init = build_model(TINY_MODEL, cfg).state_dict()
+    assert not torch.equal(ema["label_emb.weight"][4], init["label_emb.weight"][4])
+    # flipping changes the data the model saw
+    run(tmp_path / "noflip", steps=2, label_dropout=0.5)
+    assert not torch.equal(state(tmp_path)["model"]["pos_embed"], state(tmp_path / "noflip")["model"]["pos_embed"])
