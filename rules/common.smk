@@ -46,6 +46,14 @@ def inception_input(w):
     return [weights_file("fid_inception")] if config[w.ds]["fid"]["features"] == "inception" else []
 
 
+def fid_classifier_input(w):
+    return [f"data/{w.ds}/classifier.pt"] if config[w.ds]["fid"]["features"] == "convnet" else []
+
+
+def select_classifier_input(w):
+    return [f"data/{w.ds}/classifier.pt"] if config[w.ds]["select"]["strategy"] in ("kcenter", "confidence") else []
+
+
 def gpus(ds, step):
     return int(config[ds][step].get("gpus", 0))
 

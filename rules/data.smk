@@ -23,15 +23,43 @@ rule prepare_data:
         " --out data/{wildcards.ds} --log {log}"
 
 
+# A ConvNet trained on the real training split: its features give fid_convnet, the feature space of
+# k-center selection and of the memorisation audit; its softmax the scores of confidence selection.
+rule reference_classifier:
+    input:
+        "data/{ds}/train.npz",
+    output:
+        "data/{ds}/classifier.pt",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("reference_classifier"),
+    log:
+        "logs/{ds}/reference_classifier.log",
+    benchmark:
+        "benchmarks/{ds}/reference_classifier.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=lambda w: gpus(w.ds, "sample") and 1,
+    shell:
+        "python -m diffdistill classifier {params.files} --dataset {wildcards.ds}"
+        " --train {input} --out {output} --log {log}"
+
+
 rule fid_stats:
     input:
         train="data/{ds}/train.npz",
         inception=inception_input,
+        classifier=fid_classifier_input,
     output:
         "data/{ds}/fid_stats.npz",
     params:
         files=PARAMS_ARGS,
         values=step_values("fid_stats"),
+        classifier=lambda w, input: f"--classifier {input.classifier}" if input.classifier else "",
     log:
         "logs/{ds}/fid_stats.log",
     benchmark:
@@ -45,4 +73,4 @@ rule fid_stats:
         gpu=lambda w: gpus(w.ds, "sample") and 1,
     shell:
         "python -m diffdistill fid-stats {params.files} --dataset {wildcards.ds}"
-        " --train {input.train} --out {output} --log {log}"
+        " --train {input.train} {params.classifier} --out {output} --log {log}"

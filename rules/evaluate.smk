@@ -147,7 +147,7 @@ rule audit:
         samples="synthetic/{ds}/samples.npz",
         train="data/{ds}/train.npz",
         test="data/{ds}/test.npz",
-        stats="data/{ds}/fid_stats.npz",
+        classifier="data/{ds}/classifier.pt",
     output:
         summary="results/{ds}/audit.json",
         hist=report("results/figures/{ds}_audit_distances.png", caption="../report/audit.rst", category="Beyond the paper"),
@@ -165,5 +165,5 @@ rule audit:
         gpu=lambda w: gpus(w.ds, "sample") and 1,
     shell:
         "python -m diffdistill audit {params.files} --dataset {wildcards.ds} --samples {input.samples}"
-        " --train {input.train} --test {input.test} --stats {input.stats} --out {output.summary}"
+        " --train {input.train} --test {input.test} --classifier {input.classifier} --out {output.summary}"
         " --hist {output.hist} --pairs {output.pairs} --log {log}"

@@ -29,12 +29,13 @@ rule sample:
 rule select:
     input:
         samples="synthetic/{ds}/samples.npz",
-        train="data/{ds}/train.npz",
+        classifier=select_classifier_input,
     output:
         "synthetic/{ds}/selected.npz",
     params:
         files=PARAMS_ARGS,
         values=step_values("select"),
+        classifier=lambda w, input: f"--classifier {input.classifier}" if input.classifier else "",
     log:
         "logs/{ds}/select.log",
     conda:
@@ -45,7 +46,7 @@ rule select:
         runtime=60,
     shell:
         "python -m diffdistill select {params.files} --dataset {wildcards.ds}"
-        " --samples {input.samples} --train {input.train} --out {output} --log {log}"
+        " --samples {input.samples} {params.classifier} --out {output} --log {log}"
 
 
 rule export_challenge:

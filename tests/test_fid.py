@@ -73,6 +73,7 @@ def test_features_2048_equal_pytorch_fid_activations(inception_file, image_sets,
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Matrix is singular")
 def test_fid_equals_calculate_fid_given_paths(inception_file, image_sets, pytorch_fid_reads, monkeypatch):
     """End to end against pytorch-fid at 768-d (block 2): the same code path as 2048-d, but scipy's
     sqrtm of a 2048² matrix alone takes ~20-50 s on a shared CPU. 2048-d: run with DIFFDISTILL_SLOW=1."""
@@ -121,77 +122,44 @@ def test_inception_stats_file_and_fid_against_stats(inception_file, image_sets, 
     assert not (tmp_path / "x.npz").exists()
 
 
-class _TinyConvNet(nn.Module):
-    """Stand-in with the ConvNet interface (``features``), for when convnet.py is not there yet."""
+def _reference_classifier(tmp_path, images, width=8, epochs=1):
+    from diffdistill.convnet import ConvNet  # noqa: F401  (the real ConvNet)
 
-    def __init__(self, in_channels, num_classes, image_size, depth=3, width=128):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
-        self.fc = nn.Linear(width * (image_size // 2) ** 2, num_classes)
-
-    def features(self, x):
-        return self.body(x).flatten(1)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
+    train = {"images": images, "labels": np.arange(len(images)) % 2, "classes": np.array(["0", "1"])}
+    eval_cfg = {"depth": 3, "width": width, "epochs": epochs, "batch_size": 10, "lr": 0.01, "momentum": 0.9,
+                "weight_decay": 5e-4, "dsa": False, "mean": None, "std": None}
+    path = tmp_path / "classifier.pt"
+    fid.train_reference_classifier(train, eval_cfg, path, progress=False)
+    return train, path
 
 
-def test_convnet_stats_with_stub(tmp_path, monkeypatch):
-    import diffdistill
-
-    seen = {}
-
-    def train_classifier(train_set, eval_cfg, seed, device, progress):
-        seen["cfg"] = eval_cfg
-        torch.manual_seed(seed)
-        n, h, w, c = train_set["images"].shape
-        return _TinyConvNet(c, len(train_set["classes"]), h, width=eval_cfg["width"]), {}
-
-    fake_eval = types.ModuleType("diffdistill.evaluate")
-    fake_eval.train_classifier = train_classifier
-    fake_conv = types.ModuleType("diffdistill.convnet")
-    fake_conv.ConvNet = _TinyConvNet
-    for name, mod in (("evaluate", fake_eval), ("convnet", fake_conv)):
-        monkeypatch.setitem(sys.modules, f"diffdistill.{name}", mod)
-        monkeypatch.setattr(diffdistill, name, mod, raising=False)
-
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
-    train = {"images": images, "labels": np.arange(40) % 2, "classes": np.array(["0", "1"])}
+def test_convnet_stats_from_the_reference_classifier(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (20, 16, 16, 1), dtype=np.uint8)
+    train, classifier = _reference_classifier(tmp_path, images)
     out = tmp_path / "fid_stats.npz"
-    eval_cfg = {"depth": 3, "width": 4, "epochs": 100, "mean": None, "std": None}
-    fid.write_stats({"features": "convnet", "convnet_epochs": 2}, train, out, eval_cfg=eval_cfg, progress=False)
-    assert seen["cfg"]["epochs"] == 2 and abs(seen["cfg"]["mean"][0] - images.mean() / 255) < 1e-9
-    assert fid.convnet_path_for(out).name == "fid_stats.convnet.pt" and fid.convnet_path_for(out).exists()
+    fid.write_stats({"features": "convnet"}, train, out, classifier_path=classifier, progress=False)
+    assert fid.load_stats(out)["sigma"].shape == (8 * 2 * 2, 8 * 2 * 2)
     evaluator = fid.FID(out)
     assert evaluator.name == "fid_convnet"
-    assert abs(evaluator(images)) < 1e-8
-    other = rng.integers(0, 128, (40, 8, 8, 1), dtype=np.uint8)
+    assert abs(evaluator(images)) < 1e-6
+    other = rng.integers(0, 128, (20, 16, 16, 1), dtype=np.uint8)
     assert evaluator(other) > 1e-3
     # The trainer's hook: eval_fn(ema_model, step) -> float, samples drawn by the caller's function.
-    fn = evaluator.eval_fn(lambda model, n: other[:n], 40)
+    fn = evaluator.eval_fn(lambda model, n: other[:n], 20)
     assert fn(None, 500) == pytest.approx(evaluator(other))
-    # A ConvNet file swapped under the statistics is caught.
-    fid.ConvNetFeatures(_TinyConvNet(1, 2, 8, width=4), [0.5], [0.5]).save(fid.convnet_path_for(out), dict(
-        in_channels=1, num_classes=2, image_size=8, width=4))
+    # Class probabilities for confidence selection: rows sum to one.
+    probs = fid.make_extractor("convnet", convnet_path=classifier).probabilities(images)
+    assert probs.shape == (20, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # A classifier swapped under the statistics is caught.
+    _reference_classifier(tmp_path, other)
     with pytest.raises(ValueError, match="different convnet extractor"):
         fid.FID(out)
 
 
-def test_convnet_stats_with_real_convnet(tmp_path):
-    pytest.importorskip("diffdistill.convnet")
-    evaluate = pytest.importorskip("diffdistill.evaluate")
-    if not hasattr(evaluate, "train_classifier"):
-        pytest.skip("evaluate.train_classifier not written yet")
-    rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (20, 16, 16, 1), dtype=np.uint8)
-    train = {"images": images, "labels": np.arange(20) % 2, "classes": np.array(["0", "1"])}
-    eval_cfg = {"depth": 3, "width": 8, "epochs": 1, "batch_size": 10, "lr": 0.01, "momentum": 0.9,
-                "weight_decay": 5e-4, "dsa": False, "mean": None, "std": None}
-    out = tmp_path / "fid_stats.npz"
-    fid.write_stats({"features": "convnet"}, train, out, eval_cfg=eval_cfg, progress=False)
-    assert fid.load_stats(out)["sigma"].shape == (8 * 2 * 2, 8 * 2 * 2)
-    assert abs(fid.fid_against_stats(images, out)) < 1e-6
+def test_missing_reference_classifier_names_the_step(tmp_path):
+    with pytest.raises(ValueError, match="reference_classifier step"):
+        fid.make_extractor("convnet", convnet_path=tmp_path / "nope.pt")
 
 
 def test_metric_names_are_separate():
@@ -199,3 +167,28 @@ def test_metric_names_are_separate():
     assert fid.metric_name("convnet") == "fid_convnet"
     with pytest.raises(ValueError):
         fid.metric_name("clip")
+
+
+def test_make_training_fid_samples_and_scores(tmp_path):
+    """The trainer's hook end to end: a tiny U-ViT sampled by sample.py, scored with the ConvNet FID."""
+    evaluate = pytest.importorskip("diffdistill.evaluate")
+    sample = pytest.importorskip("diffdistill.sample")
+    if not hasattr(evaluate, "train_classifier") or not hasattr(sample, "sample"):
+        pytest.skip("evaluate/sample not written yet")
+    from diffdistill.uvit import UViT
+
+    rng = np.random.default_rng(3)
+    train, classifier = _reference_classifier(tmp_path, rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), width=4)
+    stats = tmp_path / "fid_stats.npz"
+    fid.write_stats({"features": "convnet"}, train, stats, classifier_path=classifier, progress=False)
+    model_cfg = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2,
+                     qkv_bias=False, mlp_time_embed=False, num_classes=2, conv=True, skip=True)
+    block = {"model": model_cfg, "train": {"fid_samples": 6}, "fid": {"features": "convnet"},
+             "sample": {"budget_seconds": 60, "max_per_class": None, "batch_size": 4, "steps": 4,
+                        "variant": "multistep", "seed": 0}}
+    torch.manual_seed(0)
+    net = UViT(**model_cfg)
+    eval_fn = fid.make_training_fid(block, stats)
+    assert eval_fn.name == "fid_convnet"
+    first, again = eval_fn(net, 0), eval_fn(net, 500)
+    assert np.isfinite(first) and first > 0 and first == again  # same samples for the same weights

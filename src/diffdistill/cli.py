@@ -58,6 +58,15 @@ def cmd_fetch_weights(args):
     fetch(entry["source"], args.out, checksum=entry.get("checksum"))
 
 
+def cmd_classifier(args):
+    from .config import resolve_device
+    from .fid import train_reference_classifier
+    from .io import load_npz
+    eval_cfg = _block(args)["evaluate"]
+    train_reference_classifier(load_npz(args.train), eval_cfg, args.out, epochs=eval_cfg.get("reference_epochs"),
+                               seed=0, device=resolve_device(args.device))
+
+
 def cmd_fid_stats(args):
     from .config import resolve_device
     from .fid import write_stats
@@ -66,7 +75,7 @@ def cmd_fid_stats(args):
     block = params[args.dataset]
     inception = _weights_path(params, "fid_inception") if block["fid"]["features"] == "inception" else None
     write_stats(block["fid"], load_npz(args.train), args.out, inception_weights=inception,
-                eval_cfg=block["evaluate"], device=resolve_device(args.device))
+                classifier_path=args.classifier, device=resolve_device(args.device))
 
 
 def cmd_train(args):
@@ -117,11 +126,28 @@ def _class_names(args):
 
 
 def cmd_select(args):
+    import numpy as np
+
+    from .config import resolve_device
+    from .fid import features, make_extractor
     from .io import load_npz, save_npz
-    from .select import select_for_pipeline
-    block = _block(args)
-    chosen = select_for_pipeline(load_npz(args.samples), load_npz(args.train), block["select"],
-                                 block["evaluate"])
+    from .select import select
+    cfg = _block(args)["select"]
+    samples = load_npz(args.samples)
+    feats = scores = None
+    if cfg["strategy"] in ("kcenter", "confidence"):
+        if not args.classifier:
+            raise ValueError(f"select.strategy {cfg['strategy']!r} needs the reference classifier: pass --classifier")
+        reference = make_extractor("convnet", convnet_path=args.classifier, device=resolve_device(args.device))
+        if cfg["strategy"] == "kcenter":
+            feats = features(samples["images"], reference, batch_size=512)
+        else:  # the classifier's probability of each image's own label
+            scores = reference.probabilities(samples["images"])[np.arange(len(samples["labels"])), samples["labels"]]
+    chosen = select(samples, cfg["strategy"], cfg.get("images_per_class"), seed=cfg.get("seed", 0),
+                    features=feats, scores=scores)
+    counts = np.bincount(chosen["labels"], minlength=len(chosen["classes"]))
+    log.info("selected %d of %d images (%s, %d-%d per class)", len(chosen["labels"]), len(samples["labels"]),
+             cfg["strategy"], counts.min(), counts.max())
     save_npz(args.out, **chosen)
 
 
@@ -167,10 +193,9 @@ def cmd_evaluate(args):
 def cmd_summarize(args):
     from .evaluate import summarize
     from .io import load_json, save_json
-    from .report import summary_table
-    summary = summarize([load_json(p) for p in args.runs])
-    save_json(args.out, summary)
-    summary_table(summary, args.dataset, args.table)
+    from .report import table_summary
+    save_json(args.out, summarize([load_json(p) for p in args.runs]))
+    table_summary(args.out, args.table, dataset=args.dataset)
 
 
 def cmd_fid(args):
@@ -188,17 +213,29 @@ def cmd_fid(args):
 
 
 def cmd_sweep(args):
-    from .audit import summarize_sweep, fig_sweep
-    from .io import load_json, save_json
-    result = summarize_sweep(args.runs, load_json(args.manifest))
-    save_json(args.out, result)
-    fig_sweep(result, args.figure)
+    from .audit import summarize_sweep, write_sweep
+    from .io import load_json
+    block = _block(args)
+    result = summarize_sweep(args.runs, load_json(args.manifest), num_classes=block["model"]["num_classes"])
+    write_sweep(result, args.out, args.figure)
 
 
 def cmd_audit(args):
-    from .audit import run_audit
-    block = _block(args)
-    run_audit(args.samples, args.train, args.test, args.stats, block, args.out, args.hist, args.pairs)
+    from .audit import audit, write_audit
+    from .config import resolve_device
+    from .fid import make_extractor
+    from .io import load_npz
+    device = resolve_device(args.device)
+    reference = make_extractor("convnet", convnet_path=args.classifier, device=device)
+
+    def reference_features(images):
+        import torch
+        with torch.no_grad():
+            return reference(images).cpu()
+
+    result = audit(load_npz(args.samples), load_npz(args.train), load_npz(args.test),
+                   features_fn=reference_features, device=device)
+    write_audit(result, args.out, args.hist, args.pairs)
 
 
 def cmd_report(args):
@@ -245,8 +282,13 @@ def build_parser():
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True)
 
+    p = step("classifier", cmd_classifier, "train the reference classifier (ConvNet) on the real training split")
+    p.add_argument("--train", required=True)
+    p.add_argument("--out", required=True)
+
     p = step("fid-stats", cmd_fid_stats, "FID reference statistics of the real training split")
     p.add_argument("--train", required=True)
+    p.add_argument("--classifier", help="the reference classifier, for fid.features: convnet")
     p.add_argument("--out", required=True)
 
     p = step("train", cmd_train, "finetune/train the U-ViT (resumes from OUT/state.pt)")
@@ -260,7 +302,7 @@ def build_parser():
 
     p = step("select", cmd_select, "choose the subset S of the generated images")
     p.add_argument("--samples", required=True)
-    p.add_argument("--train", required=True)
+    p.add_argument("--classifier", help="the reference classifier, for kcenter and confidence")
     p.add_argument("--out", required=True)
 
     p = step("export", cmd_export, "write the challenge's submission tensor")
@@ -294,7 +336,7 @@ def build_parser():
     p.add_argument("--figure", required=True)
 
     p = step("audit", cmd_audit, "memorisation audit: nearest training images of generated ones")
-    for name in ("samples", "train", "test", "stats", "out", "hist", "pairs"):
+    for name in ("samples", "train", "test", "classifier", "out", "hist", "pairs"):
         p.add_argument(f"--{name}", required=True)
 
     p = step("report", cmd_report, "the paper's tables and figures", dataset=False)

@@ -10,13 +10,14 @@ import yaml
 # The sections of a dataset block each step reads (Snakemake `params:`, DVC `params:`).
 STEP_PARAMS = {
     "prepare_data": ["data"],
-    "fid_stats": ["data", "fid", "evaluate"],
-    "train_diffusion": ["model", "pretrained", "train", "fid"],
+    "reference_classifier": ["evaluate"],
+    "fid_stats": ["fid"],
+    "train_diffusion": ["model", "pretrained", "train", "sample"],
     "sample": ["model", "sample"],
-    "select": ["select", "evaluate"],
+    "select": ["select"],
     "export_challenge": ["select", "evaluate"],
     "evaluate": ["evaluate"],
-    "fid": ["fid", "model"],
+    "fid": ["fid"],
     "sweep_evaluate": ["evaluate", "sweep"],
 }
 
@@ -25,23 +26,24 @@ _CORE = ["config.py", "io.py", "cli.py"]
 STEP_MODULES = {
     "prepare_data": ["data.py", "weights.py"],
     "fetch_weights": ["weights.py"],
-    "fid_stats": ["data.py", "fid.py", "convnet.py", "evaluate.py", "augment.py"],
+    "reference_classifier": ["fid.py", "convnet.py", "evaluate.py", "augment.py"],
+    "fid_stats": ["fid.py"],
     "train_diffusion": ["data.py", "uvit.py", "diffusion.py", "train.py", "weights.py", "fid.py", "sample.py"],
     "sample": ["data.py", "uvit.py", "diffusion.py", "sample.py", "weights.py"],
-    "select": ["select.py", "convnet.py", "evaluate.py"],
+    "select": ["select.py", "sample.py", "fid.py"],
     "export_challenge": ["sample.py", "evaluate.py"],
     "evaluate": ["convnet.py", "augment.py", "evaluate.py", "sample.py"],
     "summarize": ["evaluate.py"],
-    "fid": ["fid.py", "convnet.py"],
     "sweep_evaluate": ["convnet.py", "augment.py", "evaluate.py", "sample.py"],
     "sweep_summary": ["audit.py", "report.py"],
     "audit": ["audit.py", "fid.py"],
+    "fid": ["fid.py"],
     "report": ["report.py", "uvit.py"],
 }
 
 # DVC metrics and plots among the outputs.
-METRICS_SUFFIXES = ("summary.json", "fid.json", "sweep.json", "audit.json")
-PLOTS = {"loss.csv": {"x": "step", "y": "loss"}, "fid_curve.csv": {"x": "step", "y": "fid"}}
+METRICS_SUFFIXES = ("summary.json", "fid.json", "sweep.json", "audit.json", "metrics.json")
+PLOTS = {"_diffusion_loss.csv": {"x": "step", "y": "loss"}, "_fid_curve.csv": {"x": "step", "y": "fid"}}
 
 
 def snakemake_jobs(workdir=".", configfiles=()):
@@ -108,8 +110,8 @@ def dvc_stage(job, params):
         name = Path(out).name
         if out.startswith("results/") and name.endswith(METRICS_SUFFIXES):
             metrics.append({out: {"cache": False}})
-        elif name in PLOTS:
-            plots.append({out: dict(PLOTS[name])})
+        elif out.startswith("results/plots/") and name.endswith(tuple(PLOTS)):
+            plots.append({out: {"cache": False, **next(v for k, v in PLOTS.items() if name.endswith(k))}})
         elif out.startswith("results/"):
             outs.append({out: {"cache": False}})  # small, committed to git
         else:

@@ -125,6 +125,15 @@ class ConvNetFeatures(nn.Module):
         net.load_state_dict(blob["state_dict"])
         return cls(net, blob["mean"], blob["std"])
 
+    @torch.no_grad()
+    def probabilities(self, images_uint8, batch_size=512):
+        """Softmax of the classifier over its classes, float [N, K]."""
+        out = []
+        for i in range(0, len(images_uint8), batch_size):
+            x = (_to_unit(images_uint8[i:i + batch_size]).to(self.mean.device) - self.mean) / self.std
+            out.append(torch.softmax(self.convnet(x).float(), dim=1).cpu())
+        return torch.cat(out).numpy()
+
     def save(self, path, args):
         blob = {"args": dict(args), "state_dict": self.convnet.state_dict(),
                 "mean": self.mean.flatten().cpu(), "std": self.std.flatten().cpu()}
@@ -139,8 +148,8 @@ def make_extractor(kind, inception_weights=None, convnet_path=None, device="cpu"
         ext = InceptionFeatures(inception_weights)
     else:
         if convnet_path is None or not Path(convnet_path).is_file():
-            raise ValueError(f"ConvNet FID needs the ConvNet saved beside the statistics; {convnet_path} does "
-                             f"not exist. Rerun the fid_stats step.")
+            raise ValueError(f"ConvNet features need the reference classifier {convnet_path}, which does not "
+                             f"exist; run the reference_classifier step first.")
         ext = ConvNetFeatures.load(convnet_path)
     return ext.to(device).eval()
 
@@ -232,20 +241,6 @@ def fid_from_features(feats, mu2, sigma2):
 # cached statistics of the real training set
 
 
-def convnet_path_for(stats_path):
-    """The ConvNet weights live beside the statistics: fid_stats.npz -> fid_stats.convnet.pt."""
-    stats_path = Path(stats_path)
-    return stats_path.with_name(stats_path.name[: -len(stats_path.suffix)] + ".convnet.pt")
-
-
-def _normalisation(train_set, eval_cfg):
-    """The evaluation protocol's mean/std: given in params, else the real training split's per channel."""
-    if eval_cfg.get("mean") is not None and eval_cfg.get("std") is not None:
-        return list(map(float, eval_cfg["mean"])), list(map(float, eval_cfg["std"]))
-    x = train_set["images"].reshape(-1, train_set["images"].shape[-1]).astype(np.float64) / 255.0
-    return x.mean(axis=0).tolist(), x.std(axis=0).tolist()
-
-
 def _stats_subset(train_set, fid_cfg):
     """All training images, or a fixed random subset of ``stats_samples`` of them."""
     n = fid_cfg.get("stats_samples")
@@ -256,51 +251,52 @@ def _stats_subset(train_set, fid_cfg):
     return images
 
 
-def write_stats(fid_cfg, train_set, out_path, inception_weights=None, eval_cfg=None, device="cpu",
+def train_reference_classifier(train_set, eval_cfg, out_path, epochs=None, seed=0, device="cpu", progress=True):
+    """Train the reference classifier: the challenge ConvNet on the REAL training split.
+
+    Its penultimate features give ``fid_convnet`` (for tiny images such as digits, where Inception
+    features mean little), the feature space of k-center selection and of the memorisation audit, and
+    its softmax the scores of ``confidence`` selection. Saved with the normalisation it was trained with.
+    """
+    from . import evaluate
+
+    cfg = dict(eval_cfg)
+    if epochs is not None:
+        cfg["epochs"] = int(epochs)
+    mean, std = evaluate.normalization(cfg, train_set["images"])
+    model, history = evaluate.train_classifier(train_set, cfg, int(seed), device, progress, mean=mean, std=std)
+    n, h, w, c = train_set["images"].shape
+    args = dict(in_channels=c, num_classes=len(train_set["classes"]), image_size=h,
+                depth=int(cfg.get("depth", 3)), width=int(cfg.get("width", 128)))
+    ConvNetFeatures(model.cpu(), mean, std).save(out_path, args)
+    log.info("reference classifier (%d epochs, final train accuracy %.3f) -> %s", cfg["epochs"],
+             history["train_acc"][-1] if history.get("train_acc") else float("nan"), out_path)
+    return history
+
+
+def write_stats(fid_cfg, train_set, out_path, inception_weights=None, classifier_path=None, device="cpu",
                 progress=True):
     """Compute and save the real training set's feature statistics to ``out_path`` (npz).
 
     npz keys: ``mu``, ``sigma``, ``features`` (kind), ``metric`` (fid_inception | fid_convnet), ``n``,
-    ``extractor_sha256`` (of the Inception weights or of the saved ConvNet), ``inception_weights`` (path).
-    For ``convnet`` a ConvNet is trained on ``train_set`` with ``eval_cfg`` (the dataset's ``evaluate``
-    block; ``fid.convnet_epochs`` overrides its epochs) and saved to ``convnet_path_for(out_path)``
-    first; the stats file, written last, is the sign that both are complete.
+    ``extractor_path`` (the Inception weights or the reference classifier) and ``extractor_sha256``, so
+    that a swapped extractor is caught when the statistics are used.
     """
     kind = fid_cfg.get("features", "inception")
     metric = metric_name(kind)
-    out_path = Path(out_path)
     device = torch.device(device)
     batch_size = int(fid_cfg.get("batch_size", 50))
     if kind == "inception":
+        extractor_path = inception_weights
         extractor = make_extractor("inception", inception_weights=inception_weights, device=device)
-        extractor_sha = _sha256(inception_weights)
-        weights_ref = str(inception_weights)
     else:
-        if eval_cfg is None:
-            raise ValueError("convnet FID statistics need eval_cfg (the dataset's 'evaluate:' block) to train "
-                             "the ConvNet")
-        from . import evaluate
-
-        cfg = dict(eval_cfg)
-        if fid_cfg.get("convnet_epochs") is not None:
-            cfg["epochs"] = int(fid_cfg["convnet_epochs"])
-        mean, std = _normalisation(train_set, cfg)
-        cfg["mean"], cfg["std"] = mean, std
-        model, _ = evaluate.train_classifier(train_set, cfg, int(fid_cfg.get("seed", 0)), device, progress)
-        n, h, w, c = train_set["images"].shape
-        args = dict(in_channels=c, num_classes=len(train_set["classes"]), image_size=h,
-                    depth=int(cfg.get("depth", 3)), width=int(cfg.get("width", 128)))
-        extractor = ConvNetFeatures(model.cpu(), mean, std)
-        cpath = convnet_path_for(out_path)
-        extractor.save(cpath, args)
-        extractor = extractor.to(device)
-        extractor_sha = _sha256(cpath)
-        weights_ref = ""
+        extractor_path = classifier_path
+        extractor = make_extractor("convnet", convnet_path=classifier_path, device=device)
     images = _stats_subset(train_set, fid_cfg)
     mu, sigma = compute_stats(images, extractor, batch_size, device, progress)
     dio.save_npz(out_path, mu=mu, sigma=sigma, features=np.array(kind), metric=np.array(metric),
-                 n=np.array(len(images)), extractor_sha256=np.array(extractor_sha),
-                 inception_weights=np.array(weights_ref))
+                 n=np.array(len(images)), extractor_sha256=np.array(_sha256(extractor_path)),
+                 extractor_path=np.array(str(extractor_path)))
     log.info("%s statistics of %d training images -> %s", metric, len(images), out_path)
     return mu, sigma
 
@@ -329,13 +325,12 @@ class FID:
         self.batch_size = batch_size
         self.device = torch.device(device)
         if self.kind == "inception":
-            weights_path = inception_weights or self.stats["inception_weights"]
+            weights_path = inception_weights or self.stats["extractor_path"]
             self.extractor = make_extractor("inception", inception_weights=weights_path, device=self.device)
-            actual = _sha256(weights_path)
         else:
-            cpath = convnet_path_for(stats_path)
-            self.extractor = make_extractor("convnet", convnet_path=cpath, device=self.device)
-            actual = _sha256(cpath)
+            weights_path = self.stats["extractor_path"]
+            self.extractor = make_extractor("convnet", convnet_path=weights_path, device=self.device)
+        actual = _sha256(weights_path)
         if actual != self.stats["extractor_sha256"]:
             raise ValueError(f"{stats_path} was computed with a different {self.kind} extractor (sha256 "
                              f"{self.stats['extractor_sha256'][:12]}… vs {actual[:12]}…); rerun the fid_stats step")
@@ -354,3 +349,29 @@ class FID:
 def fid_against_stats(images_uint8, stats_path, device="cpu", batch_size=50, inception_weights=None):
     """FID of ``images_uint8`` (uint8 [N,H,W,C]) against the statistics in ``stats_path``."""
     return FID(stats_path, device, batch_size, inception_weights)(images_uint8)
+
+
+def make_training_fid(block, stats_path, device="cpu", inception_weights=None):
+    """The trainer's ``eval_fn(ema_model, step) -> float`` for a dataset block of params.yaml.
+
+    Draws ``train.fid_samples`` class-balanced images with the block's sampler settings (``sample:``:
+    steps, variant, seed, guidance; no time budget) and returns their FID against ``stats_path``.
+    The same seed at every evaluation: the curve's points differ by the weights only.
+    """
+    import math
+
+    from . import sample as sample_mod
+
+    fid = FID(stats_path, device, int(block.get("fid", {}).get("batch_size", 50)), inception_weights)
+    n = int(block["train"].get("fid_samples", 500))
+    num_classes = int(block["model"]["num_classes"])
+    cfg = dict(block.get("sample", {}))
+    cfg.update(budget_seconds=None, max_per_class=math.ceil(n / num_classes))
+
+    def sample_images(model, count):
+        image_set, _ = sample_mod.sample(model, cfg, num_classes, device, progress=False)
+        return image_set["images"][:count]
+
+    evaluate = fid.eval_fn(sample_images, n)
+    evaluate.name = fid.name  # fid_inception | fid_convnet, for the curve's column name
+    return evaluate

@@ -332,6 +332,11 @@ def table_results(inputs, out_md, out_csv=None):
     return rows
 
 
+def _run_accuracy(run):
+    """summary.json's runs are per-seed records ({"seed", "accuracy", ...}) or bare accuracies."""
+    return run["accuracy"] if isinstance(run, dict) else run
+
+
 def table_summary(summary_json, out_md, dataset=None):
     """One dataset's markdown table from its summary.json: every evaluated set with mean, std and the
     per-seed runs, gain/gap, and per-class accuracy (all classes up to 20, else min/median/max)."""
@@ -343,7 +348,8 @@ def table_summary(summary_json, out_md, dataset=None):
         if b is None:
             continue
         rows.append({"set": key, "mean": f"{b['mean']:.4f}", "std": f"{b.get('std', 0.0):.4f}",
-                     "runs": ", ".join(f"{r:.4f}" for r in b.get("runs", [])), "n": len(b.get("runs", []))})
+                     "runs": ", ".join(f"{_run_accuracy(r):.4f}" for r in b.get("runs", [])),
+                     "n": len(b.get("runs", []))})
     md = [f"# {ds}: ConvNet test accuracy\n\n",
           markdown_table(rows, [("set", "training set"), ("mean", "mean"), ("std", "std"),
                                 ("runs", "runs (one per seed)"), ("n", "seeds")])]
@@ -599,8 +605,8 @@ def build_report(params, datasets, root=".", out_dir="results"):
     """Build every table and figure whose inputs exist; log and skip the rest.
 
     Tables 1, 2, the results table and Fig. 4 cover every dataset block of ``params`` (rows and bars
-    of datasets that were not run say "not run"). Per-dataset outputs (summary table, class grid,
-    loss figure, plot CSVs) are built for each of ``datasets`` whose inputs exist. Missing inputs
+    of datasets that were not run say "not run"). Per-dataset outputs (class grid, loss figure, plot
+    CSVs; the summary table is the summarize step's) are built for each of ``datasets`` whose inputs exist. Missing inputs
     of one dataset never stop the others. Returns {"built": [paths], "skipped": [(what, reason)]}.
     """
     root, out_dir = Path(root), Path(out_dir)
@@ -642,11 +648,6 @@ def build_report(params, datasets, root=".", out_dir="results"):
 
     for ds in datasets:
         p = paths[ds]
-        if p["summary"].exists():
-            table_summary(p["summary"], tables / f"{ds}_summary.md", dataset=ds)
-            built.append(tables / f"{ds}_summary.md")
-        else:
-            skip(f"{ds} summary table", f"{p['summary']} missing (dataset not run)")
         if p["samples"].exists():
             from .io import load_npz
 

@@ -166,7 +166,7 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
 
     K, bs, budget = num_classes, cfg["batch_size"], cfg["budget"]
     total_cap = cfg["cap"] * K if cfg["cap"] is not None else None
-    images, labels, batch_seconds = [], [], []
+    images, labels, batch_seconds, timeline = [], [], [], []
     generated = 0
     stopped_by = None
     bar = _progress_bar(total_cap, progress)
@@ -199,6 +199,8 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
             labels.append(y.numpy())
             batch_seconds.append(time.perf_counter() - t0)
             generated += n
+            # [images so far, seconds since the start] after each batch: the cost curve of the sweep.
+            timeline.append([generated, time.perf_counter() - start])
             bar.update(n)
             bar.set_postfix(img_per_s=f"{generated / (time.perf_counter() - start):.1f}")
     finally:
@@ -232,6 +234,7 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
         "batch_size": bs,
         "num_batches": len(batch_seconds),
         "batch_seconds": batch_seconds,
+        "timeline": timeline,
         "guidance_scale": cfg["guidance"],
         "precision": precision,
         "image_shape": list(image_shape),

@@ -6,6 +6,7 @@ class count ("initialise from the pretrained weights excluding the label layer")
 ``load_state_dict_checked`` is a strict load whose error says which architecture the file is for.
 """
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -82,11 +83,16 @@ def _read_record(dest):
     return None
 
 
-def _write_record(dest, digest):
+def _trust_on_first_use(dest):
+    """No checksum configured: record the file's sha256 beside it; later runs verify against it."""
     from .io import atomic_path
 
+    digest = file_digest(dest)
     with atomic_path(_record_path(dest)) as tmp:
         tmp.write_text(f"{digest}  {Path(dest).name}\n")
+    log.warning("%s: no checksum configured; recorded its sha256 %s in %s (trust on first use: later runs "
+                "verify against it). Pin it with 'checksum: sha256:%s' in params.yaml.",
+                dest, digest, _record_path(dest), digest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +159,18 @@ def _fetch_to(source, tmp, progress):
         shutil.copyfile(src, tmp)
 
 
+def _reject_html(path, source, dest):
+    """Drive answers a quota or sign-in problem with an HTML page; never take that for the file
+    (with no checksum pinned, trust on first use would otherwise record it)."""
+    if Path(dest).suffix.lower() in (".html", ".htm"):
+        return
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise FetchError("the server sent an HTML page, not the file (a Drive quota, permission or "
+                         "sign-in page?)")
+
+
 def fetch(source, dest, checksum=None, progress=True):
     """Bring ``source`` to ``dest`` and verify it; return ``Path(dest)``.
 
@@ -169,11 +187,7 @@ def fetch(source, dest, checksum=None, progress=True):
 
     if dest.exists():
         if expected is None:
-            digest = file_digest(dest)
-            _write_record(dest, digest)
-            log.warning("%s: no checksum configured; recorded its sha256 %s in %s (trust on first use: "
-                        "later runs verify against it). Pin it with checksum: sha256:%s in params.yaml.",
-                        dest, digest, _record_path(dest), digest)
+            _trust_on_first_use(dest)
             return dest
         try:
             verify(dest, expected)
@@ -188,8 +202,9 @@ def fetch(source, dest, checksum=None, progress=True):
     try:
         try:
             _fetch_to(source, tmp, progress)
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
+            _reject_html(tmp, source, dest)
+        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as e:
+            reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
             raise FetchError(f"could not fetch {source} -> {dest}: {reason}. "
                              f"{_by_hand(source, dest, expected)}") from e
         except FetchError as e:
@@ -210,12 +225,8 @@ def fetch(source, dest, checksum=None, progress=True):
                     f"the right one. {_by_hand(source, dest, expected)}")
             os.replace(tmp, dest)
         else:
-            digest = file_digest(tmp)
             os.replace(tmp, dest)
-            _write_record(dest, digest)
-            log.warning("%s: no checksum configured; recorded its sha256 %s in %s (trust on first use: "
-                        "later runs verify against it). Pin it with checksum: sha256:%s in params.yaml.",
-                        dest, digest, _record_path(dest), digest)
+            _trust_on_first_use(dest)
     finally:
         if tmp.exists():
             tmp.unlink()
