@@ -82,3 +82,30 @@ def dataset_targets(ds):
 def all_targets():
     targets = [t for ds in DATASETS for t in dataset_targets(ds)]
     return targets + ["results/tables/results.md"]
+
+
+def eval_train_input(w):
+    if w.set == "synthetic":
+        return f"synthetic/{w.ds}/selected.npz"
+    return f"data/{w.ds}/train.npz"
+
+
+def eval_like_input(w):
+    return [f"synthetic/{w.ds}/selected.npz"] if w.set == "random_real" else []
+
+
+def class_grid_files(ds):
+    # Tiny-ImageNet's 200 classes are shown in two grids of 100, as in the paper.
+    k = config[ds]["model"]["num_classes"]
+    if k > 100:
+        return [f"results/figures/{ds}_classes_{i + 1}.png" for i in range((k + 99) // 100)]
+    return [f"results/figures/{ds}_classes.png"]
+
+
+def report_inputs(w):
+    files = []
+    for ds in DATASETS:
+        files += [f"results/{ds}/summary.json", f"results/{ds}/fid.json", f"synthetic/{ds}/manifest.json",
+                  f"synthetic/{ds}/samples.npz", f"checkpoints/{ds}/train.json", f"checkpoints/{ds}/loss.csv",
+                  f"checkpoints/{ds}/fid_curve.csv", f"benchmarks/{ds}/train_diffusion.tsv"]
+    return files

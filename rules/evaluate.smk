@@ -3,16 +3,6 @@
 # real subset with the synthetic set's per-class counts.
 
 
-def eval_train_input(w):
-    if w.set == "synthetic":
-        return f"synthetic/{w.ds}/selected.npz"
-    return f"data/{w.ds}/train.npz"
-
-
-def eval_like_input(w):
-    return [f"synthetic/{w.ds}/selected.npz"] if w.set == "random_real" else []
-
-
 rule evaluate:
     input:
         train=eval_train_input,

@@ -1,23 +1,6 @@
 # The paper's tables and figures, rebuilt from the pipeline's own outputs (see results/README.md).
 
 
-def class_grid_files(ds):
-    # Tiny-ImageNet's 200 classes are shown in two grids of 100, as in the paper.
-    k = config[ds]["model"]["num_classes"]
-    if k > 100:
-        return [f"results/figures/{ds}_classes_{i + 1}.png" for i in range((k + 99) // 100)]
-    return [f"results/figures/{ds}_classes.png"]
-
-
-def report_inputs(w):
-    files = []
-    for ds in DATASETS:
-        files += [f"results/{ds}/summary.json", f"results/{ds}/fid.json", f"synthetic/{ds}/manifest.json",
-                  f"synthetic/{ds}/samples.npz", f"checkpoints/{ds}/train.json", f"checkpoints/{ds}/loss.csv",
-                  f"checkpoints/{ds}/fid_curve.csv", f"benchmarks/{ds}/train_diffusion.tsv"]
-    return files
-
-
 rule report:
     input:
         report_inputs,

@@ -62,9 +62,8 @@ def cmd_classifier(args):
     from .config import resolve_device
     from .fid import train_reference_classifier
     from .io import load_npz
-    eval_cfg = _block(args)["evaluate"]
-    train_reference_classifier(load_npz(args.train), eval_cfg, args.out, epochs=eval_cfg.get("reference_epochs"),
-                               seed=0, device=resolve_device(args.device))
+    train_reference_classifier(load_npz(args.train), _block(args)["classifier"], args.out, seed=0,
+                               device=resolve_device(args.device))
 
 
 def cmd_fid_stats(args):

@@ -10,9 +10,9 @@ import yaml
 # The sections of a dataset block each step reads (Snakemake `params:`, DVC `params:`).
 STEP_PARAMS = {
     "prepare_data": ["data"],
-    "reference_classifier": ["evaluate"],
+    "reference_classifier": ["classifier"],
     "fid_stats": ["fid"],
-    "train_diffusion": ["model", "pretrained", "train", "sample"],
+    "train_diffusion": ["model", "pretrained", "train"],
     "sample": ["model", "sample"],
     "select": ["select"],
     "export_challenge": ["select", "evaluate"],

@@ -354,9 +354,10 @@ def fid_against_stats(images_uint8, stats_path, device="cpu", batch_size=50, inc
 def make_training_fid(block, stats_path, device="cpu", inception_weights=None):
     """The trainer's ``eval_fn(ema_model, step) -> float`` for a dataset block of params.yaml.
 
-    Draws ``train.fid_samples`` class-balanced images with the block's sampler settings (``sample:``:
-    steps, variant, seed, guidance; no time budget) and returns their FID against ``stats_path``.
-    The same seed at every evaluation: the curve's points differ by the weights only.
+    Draws ``train.fid_samples`` class-balanced images with DPM-Solver-fast at ``train.fid_steps``
+    network calls (default 25; no time budget, the training seed) and returns their FID against
+    ``stats_path``. The same seed at every evaluation: the curve's points differ by the weights only.
+    Only ``train:`` settings are read, so changing the sampling step's settings never retrains.
     """
     import math
 
@@ -365,8 +366,11 @@ def make_training_fid(block, stats_path, device="cpu", inception_weights=None):
     fid = FID(stats_path, device, int(block.get("fid", {}).get("batch_size", 50)), inception_weights)
     n = int(block["train"].get("fid_samples", 500))
     num_classes = int(block["model"]["num_classes"])
-    cfg = dict(block.get("sample", {}))
-    cfg.update(budget_seconds=None, max_per_class=math.ceil(n / num_classes))
+    train_cfg = block["train"]
+    cfg = {"budget_seconds": None, "max_per_class": math.ceil(n / num_classes),
+           "batch_size": int(train_cfg.get("fid_batch_size", 500)), "steps": int(train_cfg.get("fid_steps", 25)),
+           "variant": "fast", "guidance_scale": 0.0, "seed": int(train_cfg.get("seed", 0)),
+           "precision": train_cfg.get("precision", "fp32")}
 
     def sample_images(model, count):
         image_set, _ = sample_mod.sample(model, cfg, num_classes, device, progress=False)

@@ -1,0 +1,65 @@
+"""params.yaml is validated before any job runs: a bad value stops the run with a message naming the key."""
+import copy
+
+import pytest
+import yaml
+
+from diffdistill.cli import main as cli_main
+from diffdistill.config import ParamsError, load_params, validate
+from workflow import REPO, copy_workflow, snakemake
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(REPO / "params.yaml")
+
+
+def test_committed_params_are_valid(params):
+    assert params["datasets"] == ["digits"]
+    for ds in ("digits", "cifar100", "tinyimagenet"):
+        assert params[ds]["model"]["num_classes"] >= 10
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda p: p["digits"]["train"].__setitem__("steps", "many"), "digits.train.steps"),
+    (lambda p: p["digits"]["sample"].__setitem__("budget_seconds", -5), "digits.sample.budget_seconds"),
+    (lambda p: p["digits"]["sample"].__setitem__("max_per_class", 0), "digits.sample.max_per_class"),
+    (lambda p: p["digits"]["data"].__setitem__("kind", "mnist"), "digits.data.kind"),
+    (lambda p: p["digits"]["evaluate"].__setitem__("seeds", []), "digits.evaluate.seeds"),
+    (lambda p: p["digits"]["model"].__setitem__("depht", 4), "digits.model"),
+])
+def test_invalid_values_name_the_key(params, mutate, key):
+    bad = copy.deepcopy(params)
+    mutate(bad)
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        validate(bad)
+
+
+def test_unknown_dataset_is_named(params):
+    bad = copy.deepcopy(params)
+    bad["datasets"] = ["digits", "imagenet"]
+    with pytest.raises(ParamsError, match="'imagenet'"):
+        validate(bad)
+
+
+def test_snakemake_stops_before_any_job(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"digits": {"sample": {"budget_seconds": -1}}}))
+    out = snakemake(work, "--cores", "1", "--configfile", str(bad), check=False)
+    assert out.returncode != 0
+    assert "digits.sample.budget_seconds" in out.stdout + out.stderr
+    for produced in ("data", "checkpoints", "synthetic", "results", "logs"):
+        assert not (work / produced).exists()
+    out = snakemake(work, "--cores", "1", "--config", "datasets=[digits,nope]", check=False)
+    assert out.returncode != 0 and "'nope'" in out.stdout + out.stderr
+
+
+def test_cli_rejects_bad_params_with_exit_code_1(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"digits": {"train": {"steps": "many"}}}))
+    code = cli_main(["prepare", "--params", str(REPO / "params.yaml"), "--params", str(bad),
+                     "--dataset", "digits", "--out", str(tmp_path / "data")])
+    assert code == 1
+    assert not (tmp_path / "data").exists()
+    assert "digits.train.steps" in capsys.readouterr().err
