@@ -268,3 +268,16 @@ def test_real_dpm_solver_if_present(model, monkeypatch):
     guided = UViT(**dict(TINY, num_classes=K + 1)).eval()
     g, gman = sample.sample(guided, cfg(max_per_class=1, steps=3, guidance_scale=1.0), K, "cpu", progress=False)
     assert gman["guidance_scale"] == 1.0 and g["labels"].tolist() == [0, 1, 2]
+
+
+def test_auto_batch_size_on_cpu_is_fixed_and_recorded(model):
+    images, man = sample.sample(model, cfg(max_per_class=3, batch_size="auto"), K, "cpu", progress=False)
+    assert man["batch_size"] == sample.choose_batch_size(model, (1, 8, 8), K, torch.device("cpu")) == 256
+    assert man["count"] == 9 and man["num_batches"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_auto_batch_size_fills_the_gpu():
+    big = UViT(img_size=32, patch_size=2, in_chans=3, embed_dim=256, depth=4, num_heads=4, num_classes=10).cuda()
+    b = sample.choose_batch_size(big.eval(), (3, 32, 32), 10, torch.device("cuda"), torch.bfloat16)
+    assert 64 <= b <= 4096 and b & (b - 1) == 0

@@ -153,13 +153,15 @@ def cmd_select(args):
 def cmd_export(args):
     from .evaluate import normalization
     from .io import load_npz
-    from .sample import export_challenge
+    from .sample import export_challenge, export_pngs
     block = _block(args)
     image_set = load_npz(args.samples)
     train = load_npz(Path("data") / args.dataset / "train.npz")
     mean, std = normalization(block["evaluate"], train["images"])
     counts = [int((image_set["labels"] == k).sum()) for k in range(len(image_set["classes"]))]
     export_challenge(image_set, mean, std, args.images_per_class or min(counts), args.out)
+    if args.png_dir:
+        export_pngs(image_set, args.png_dir)
 
 
 def cmd_evaluate(args):
@@ -307,7 +309,8 @@ def build_parser():
     p = step("export", cmd_export, "write the challenge's submission tensor")
     p.add_argument("--samples", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--images-per-class", type=int)
+    p.add_argument("--images-per-class", type=int, help="default: the smallest class count")
+    p.add_argument("--png-dir", help="also write {label}_{index}.png files here")
 
     p = step("evaluate", cmd_evaluate, "train the ConvNet on a set, test on the real test split")
     p.add_argument("--set", required=True, choices=["synthetic", "full_real", "random_real"])

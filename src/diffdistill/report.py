@@ -237,7 +237,8 @@ def table_fid(inputs, out_md, out_csv=None):
     """Table 2. ``inputs``: {dataset: {"fid": fid.json, "benchmark": train.tsv, "manifest":
     manifest.json, "train_json": train.json, "sample_cfg": params[ds]["sample"] (fallback for the
     sampler when no manifest exists)}}; any path may be missing. Training time is the training
-    rule's Snakemake benchmark (wall clock of the whole job)."""
+    rule's Snakemake benchmark (wall clock of the whole job); where no benchmark file exists (a run
+    through `dvc repro`) it is train.json's own wall clock."""
     rows = []
     for ds, p in inputs.items():
         fid, kind = read_fid(p.get("fid"))
@@ -245,7 +246,7 @@ def table_fid(inputs, out_md, out_csv=None):
         sample_cfg = p.get("sample_cfg") or {}
         train = _load_if(p.get("train_json")) or {}
         bench = p.get("benchmark")
-        secs = read_benchmark_seconds(bench) if bench is not None and Path(bench).exists() else None
+        secs = read_benchmark_seconds(bench) if bench is not None and Path(bench).exists() else train.get("seconds")
         variant = manifest.get("variant", sample_cfg.get("variant"))
         steps = manifest.get("steps", sample_cfg.get("steps"))
         rows.append({

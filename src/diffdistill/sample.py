@@ -94,8 +94,8 @@ def validate_sample_cfg(sample_cfg, num_classes):
         raise ValueError(f"sample: sample.max_per_class must be a positive integer, got {cap!r}; "
                          f"set it to the images per class you want, or null for as many as the budget allows")
     batch_size = sample_cfg.get("batch_size", 500)
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"sample: sample.batch_size must be a positive integer, got {batch_size!r}")
+    if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size > 0)):
+        raise ValueError(f"sample: sample.batch_size must be a positive integer or 'auto', got {batch_size!r}")
     steps = sample_cfg.get("steps", 50)
     if not (isinstance(steps, int) and steps > 0):
         raise ValueError(f"sample: sample.steps must be a positive integer (network calls), got {steps!r}")
@@ -118,6 +118,41 @@ def validate_sample_cfg(sample_cfg, num_classes):
 # ----------------------------------------------------------------------------------------------
 # sampling
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def choose_batch_size(model, image_shape, num_classes, device, amp_dtype=None, largest=4096, cpu_batch=256):
+    """``batch_size: auto``: the smallest power of two that reaches 95% of the best forward throughput
+    before memory runs out (the device is full); on the CPU a fixed ``cpu_batch``.
+
+    Bigger than needed only coarsens the budget (the last batch that fits), so the smallest batch with
+    near-peak images/s wins."""
+    if device.type != "cuda":
+        return cpu_batch
+    best, rates, b = 0.0, {}, 64
+    while b <= largest:
+        try:
+            x = torch.randn((b,) + tuple(image_shape), device=device)
+            y = torch.arange(b, device=device) % num_classes
+            t = torch.full((b,), 500.0, device=device)
+            amp = (torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with amp:
+                model(x, t, y)  # warm-up at this size
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                model(x, t, y)
+                torch.cuda.synchronize(device)
+            rates[b] = b / (time.perf_counter() - t0)
+            best = max(best, rates[b])
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        b *= 2
+    if not rates:
+        raise ValueError("sample: not even a batch of 64 fits on the GPU; set sample.batch_size by hand")
+    return min(k for k, r in rates.items() if r >= 0.95 * best)
+
+
 def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progress=True, image_shape=None):
     """Sample class-balanced images until the budget or the cap is reached.
 
@@ -163,6 +198,8 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
     tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if use_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg["batch_size"] == "auto":
+        cfg["batch_size"] = choose_batch_size(model, image_shape, num_classes, device, amp_dtype)
 
     K, bs, budget = num_classes, cfg["batch_size"], cfg["budget"]
     total_cap = cfg["cap"] * K if cfg["cap"] is not None else None

@@ -29,11 +29,15 @@ conf="$dir/slurm.conf"
 export SLURM_CONF="$conf"
 daemons=(munged slurmctld slurmd)
 
+alive() {  # a process that exists and is not a zombie (an init that does not reap leaves those)
+  kill -0 "$1" 2>/dev/null && [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]]
+}
+
 pid_of() {  # the PID a daemon wrote, if that process is still alive
   local f="$dir/$1.pid" p
   [[ -s "$f" ]] || return 1
   p="$(cat "$f")"
-  kill -0 "$p" 2>/dev/null || return 1
+  alive "$p" || return 1
   echo "$p"
 }
 
@@ -122,7 +126,7 @@ stop_daemons() {
     p="$(pid_of "$d")" || continue
     kill -TERM "$p" 2>/dev/null || true
     end=$((SECONDS + 20))
-    while kill -0 "$p" 2>/dev/null; do
+    while alive "$p" && ((SECONDS < end + 10)); do
       if ((SECONDS > end)); then kill -KILL "$p" 2>/dev/null || true; fi
       sleep 0.2
     done

@@ -1,0 +1,259 @@
+"""`--profile slurm` against a real single-node Slurm (tests/slurm/harness.sh), and the cluster
+profile's resource requests (a dry run, no Slurm needed).
+
+The Slurm tests need Debian's slurm-wlm and munge (`apt-get install -y slurm-wlm munge`) and root
+(slurmd); without them they are skipped. `pytest -m slurm` runs only them.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "tests" / "slurm" / "harness.sh"
+TEST_PROFILE = ROOT / "tests" / "slurm" / "profile"
+TINY = ROOT / "tests" / "tiny_params.yaml"
+OVERLAY = ROOT / "tests" / "slurm" / "tiny_overlay.yaml"
+CONFIGFILES = ["--configfile", "tiny_params.yaml", "tiny_overlay.yaml"]  # copied into each run's folder
+# What a run needs; src too, so that jobs import this checkout's package (PYTHONPATH) even if the
+# installed one is elsewhere or being edited.
+WORKFLOW = ["Snakefile", "rules", "params.yaml", "schemas", "profiles", "envs", "report", "src", "slurm"]
+RUN_TIMEOUT = 900
+LOCAL_TARGETS = ["checkpoints/digits/ema.pt", "results/digits/summary.json"]
+
+
+def _missing_slurm():
+    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch", "squeue") if shutil.which(c) is None]
+    if missing:
+        return f"Slurm not installed ({', '.join(missing)} missing): apt-get install -y slurm-wlm munge"
+    if os.geteuid() != 0:
+        return "the single-node Slurm harness runs slurmd, which needs root"
+    return None
+
+
+needs_slurm = pytest.mark.skipif(_missing_slurm() is not None, reason=_missing_slurm() or "")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The workflow in dest, with the tiny overrides next to it, to be edited in place: the paths of
+    the --configfile files are part of every step's params, so a new one would rerun every step."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(TINY, dest / "tiny_params.yaml")
+    shutil.copy2(OVERLAY, dest / "tiny_overlay.yaml")
+    for name in WORKFLOW:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run_env(workdir: Path, base=None) -> dict:
+    env = dict(base or os.environ)
+    # The jobs' `python -m diffdistill` and snakemake itself: this interpreter's environment first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(workdir / "src")
+    return env
+
+
+def snakemake(workdir: Path, *args, env=None, popen=False):
+    cmd = [sys.executable, "-m", "snakemake", *map(str, args)]
+    kw = dict(cwd=workdir, env=env or run_env(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if popen:
+        return subprocess.Popen(cmd, **kw)
+    return subprocess.run(cmd, timeout=RUN_TIMEOUT, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster profile's requests: a dry run of `--profile slurm` (slurm/config.yaml), no Slurm.
+
+def dry_run_resources(output: str) -> dict:
+    """rule name -> list of {resource: value} dicts, one per job, from `snakemake -n` output."""
+    rules, current = {}, None
+    for line in output.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if m:
+            current = m.group(1)
+            continue
+        m = re.match(r"^\s+resources: (.*)$", line)
+        if m and current:
+            values = dict(kv.split("=", 1) for kv in m.group(1).split(", "))
+            rules.setdefault(current, []).append(values)
+            current = None
+    return rules
+
+
+def test_profile_dry_run_gpu_requests(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["cifar100"]
+    env = run_env(work)
+    for var in ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "DIFFDISTILL_GPU_PARTITION", "DIFFDISTILL_GPU_MODEL"):
+        env.pop(var, None)
+    res = snakemake(work, "-n", "--profile", "slurm", "--config", "datasets=[cifar100]", env=env)
+    assert res.returncode == 0, res.stdout[-3000:]
+    rules = dry_run_resources(res.stdout)
+    assert {"train_diffusion", "sample", "prepare_data", "evaluate"} <= set(rules), sorted(rules)
+
+    def gpus(rule):
+        return {int(job.get("gpu", 0)) for job in rules[rule]}
+
+    assert gpus("train_diffusion") == {params["train"]["gpus"]} and params["train"]["gpus"] >= 1
+    assert gpus("sample") == {params["sample"]["gpus"]} and params["sample"]["gpus"] >= 1
+    # Data handling, selection, export and reporting never ask for a GPU.
+    for rule in ("fetch_weights", "prepare_data", "select", "export_challenge", "summarize", "report", "all"):
+        if rule in rules:
+            assert gpus(rule) == {0}, (rule, rules[rule])
+    # Network evaluations (ConvNet, FID features, the reference classifier) take at most one GPU.
+    for rule in set(rules) - {"train_diffusion", "sample"}:
+        assert max(gpus(rule)) <= 1, (rule, rules[rule])
+    # The profile's sizing: finetuning gets 48 h and 16 CPUs; no account/partition unless set.
+    train = rules["train_diffusion"][0]
+    assert int(train["runtime"]) == 2880 and int(train["cpus_per_task"]) == 16
+    assert not any("slurm_account" in job or "gpu_model" in job for jobs in rules.values() for job in jobs)
+
+    # Account, partitions and GPU model come from the environment, without editing the profile.
+    env.update(SBATCH_ACCOUNT="proj42", SBATCH_PARTITION="cpu", DIFFDISTILL_GPU_PARTITION="gpu",
+               DIFFDISTILL_GPU_MODEL="a100")
+    res = snakemake(work, "-n", "--profile", "slurm", "--config", "datasets=[cifar100]", env=env)
+    assert res.returncode == 0, res.stdout[-3000:]
+    rules = dry_run_resources(res.stdout)
+    for rule, jobs in rules.items():
+        for job in jobs:
+            assert job.get("slurm_account") == "proj42", (rule, job)
+            gpu_rule = rule in ("train_diffusion", "sample")
+            assert job.get("slurm_partition") == ("gpu" if gpu_rule else "cpu"), (rule, job)
+            assert job.get("gpu_model") == ("a100" if gpu_rule else None), (rule, job)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny DAG under a real Slurm.
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """A running single-node Slurm; the environment that reaches it. Stopped at the end."""
+    state = Path(tempfile.mkdtemp(prefix="dd-slurm-"))
+    start = subprocess.run(["bash", str(HARNESS), "start", str(state)], capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, f"harness failed to start:\n{start.stdout}\n{start.stderr}"
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(state / "slurm.conf")
+        env["PATH"] = f"{state / 'bin'}{os.pathsep}{env['PATH']}"
+        yield env
+    finally:
+        subprocess.run(["bash", str(HARNESS), "stop", str(state)], capture_output=True, text=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(slurm_env, tmp_path_factory):
+    """The tiny DAG twice from the same checkout: through `--profile` on Slurm, and locally.
+    Both run at once: the Slurm run mostly waits on the plugin's polling."""
+    base = tmp_path_factory.mktemp("slurm_runs")
+    slurm_dir, local_dir = copy_workflow(base / "slurm"), copy_workflow(base / "local")
+    procs = {
+        "slurm": snakemake(slurm_dir, "--profile", TEST_PROFILE, *CONFIGFILES,
+                           env=run_env(slurm_dir, slurm_env), popen=True),
+        # Locally only what is compared below (no sweep, audit, FID, export, report).
+        "local": snakemake(local_dir, *LOCAL_TARGETS, "--cores", "2", *CONFIGFILES, popen=True),
+    }
+    outputs, t0 = {}, time.monotonic()
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=max(1, RUN_TIMEOUT - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        outputs[name] = (proc.returncode, out)
+        print(f"{name} run: {time.monotonic() - t0:.0f} s (or less: waited in turn)")
+    return {"slurm": slurm_dir, "local": local_dir, "outputs": outputs, "env": slurm_env}
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_tiny_dag_through_slurm(tiny_runs):
+    for name in ("slurm", "local"):
+        rc, out = tiny_runs["outputs"][name]
+        assert rc == 0, f"{name} run failed:\n{out[-5000:]}"
+    work, local = tiny_runs["slurm"], tiny_runs["local"]
+    rc, out = tiny_runs["outputs"]["slurm"]
+
+    # The jobs really went through Slurm: one sbatch job per non-local job, each with its Slurm log,
+    # all known to slurmctld as COMPLETED.
+    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out))
+    assert len(submitted) >= 15, out[-3000:]
+    logs = list((work / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert {p.stem for p in logs} >= set(submitted.values())
+    ran_rules = {p.relative_to(work / ".snakemake" / "slurm_logs").parts[0] for p in logs}
+    assert {"rule_prepare_data", "rule_train_diffusion", "rule_sample", "rule_evaluate", "rule_report"} <= ran_rules
+    squeue = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%i|%T"], env=tiny_runs["env"],
+                            capture_output=True, text=True, check=True).stdout
+    states = dict(line.split("|") for line in squeue.split())
+    assert all(states.get(j) == "COMPLETED" for j in submitted.values()), (submitted, states)
+
+    # The summary a local run gives.
+    summary = json.loads((work / "results/digits/summary.json").read_text())
+    assert {"synthetic", "full_real", "random_real"} <= set(summary)
+    for key in ("synthetic", "full_real", "random_real"):
+        accs = [r["accuracy"] for r in summary[key]["runs"]]
+        assert accs and all(0.0 <= a <= 1.0 for a in accs)
+    with np.load(work / "synthetic/digits/selected.npz") as sel:
+        assert summary["n_synthetic"] == len(sel["labels"])
+
+    # Same seed, same machine: the same data and the same trained weights as the local run.
+    for f in ("data/digits/train.npz", "data/digits/test.npz", "synthetic/digits/samples.npz",
+              "synthetic/digits/selected.npz"):
+        with np.load(work / f) as a, np.load(local / f) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for k in a.files:
+                assert np.array_equal(a[k], b[k]), (f, k)
+    ema_s = torch.load(work / "checkpoints/digits/ema.pt", map_location="cpu")
+    ema_l = torch.load(local / "checkpoints/digits/ema.pt", map_location="cpu")
+    assert ema_s.keys() == ema_l.keys()
+    for k in ema_s:
+        assert torch.equal(ema_s[k], ema_l[k]), k
+    local_summary = json.loads((local / "results/digits/summary.json").read_text())
+    assert _without_timings(summary) == _without_timings(local_summary)
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_failing_slurm_job_fails_the_run(tiny_runs):
+    """A step that fails at run time under Slurm fails the run, and the output names its log."""
+    work = tiny_runs["slurm"]
+    assert tiny_runs["outputs"]["slurm"][0] == 0
+    # Valid for the schema, impossible at run time: more images per class than were sampled. Edited
+    # in place: a new --configfile would change every step's --params and rerun the whole DAG.
+    overlay = work / "tiny_overlay.yaml"
+    params = yaml.safe_load(overlay.read_text())
+    params["digits"]["select"] = {"images_per_class": 1000}
+    overlay.write_text(yaml.safe_dump(params, sort_keys=False))
+    res = snakemake(work, "--profile", TEST_PROFILE, *CONFIGFILES, env=run_env(work, tiny_runs["env"]))
+    assert res.returncode != 0, res.stdout[-3000:]
+    assert "Error in rule select" in res.stdout, res.stdout[-3000:]
+    assert "logs/digits/select.log" in res.stdout
+    m = re.search(r"SLURM-job '(\d+)' failed", res.stdout)
+    assert m, res.stdout[-3000:]
+    assert "images_per_class" in (work / "logs/digits/select.log").read_text()
+    assert not (work / "synthetic/digits/selected.npz").exists()
+    # Only the edited step (and nothing downstream of it) was submitted.
+    submitted = re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S+/slurm_logs/rule_(\w+)/", res.stdout)
+    assert submitted == ["select"], submitted
