@@ -131,3 +131,12 @@ def test_a_changed_parameter_reruns_only_what_depends_on_it(tiny_run, tmp_path):
     assert "evaluate" in table and "summarize" in table
     for upstream in ("train_diffusion", "sample", "prepare_data"):
         assert f"\n{upstream} " not in table
+
+
+def test_html_report_bundles_the_captioned_tables_and_figures(tiny_run, tmp_path):
+    out = tmp_path / "report.html"
+    snakemake(tiny_run, "--report", str(out), "--configfile", str(TINY))
+    html = out.read_text()
+    assert "Track 2 leaderboard of the ECCV 2024" in html  # report/fig4.rst, the caption
+    for name in ("leaderboard.png", "digits_classes.png", "digits_sweep.png", "results.md", "models.md"):
+        assert name in html
