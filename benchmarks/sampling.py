@@ -20,8 +20,6 @@ Prints a markdown table; writes JSON only where ``--out`` says. It records nothi
 """
 import argparse
 import contextlib
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from diffdistill.diffusion import TIME_SCALE, dpm_solver_sample, network_calls  # noqa: E402
 from diffdistill.io import save_json  # noqa: E402
 from diffdistill.uvit import UViT, count_parameters  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this script
+from timing import device_name, sync, timed  # noqa: E402
 
 COMMON = dict(in_chans=3, mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, conv=True, skip=True)
 MODELS = {
@@ -82,31 +82,6 @@ def counted_forward_flops(cfg):
     with counter, torch.no_grad():
         model(x, t, y)
     return counter.get_total_flops()
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats, warmup):
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_one(net, cfg, batch, precision, device, args):

@@ -11,8 +11,6 @@ Prints a markdown table; writes JSON only where ``--out`` says. It records nothi
 """
 import argparse
 import contextlib
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,35 +25,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from diffdistill.diffusion import dpm_solver_sample, network_calls, training_loss  # noqa: E402
 from diffdistill.io import save_json  # noqa: E402
 from diffdistill.uvit import UViT, count_parameters  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this script
+from timing import device_name, sync, timed  # noqa: E402
 
 S2_CIFAR100 = dict(img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4,
                    qkv_bias=False, mlp_time_embed=False, num_classes=100, conv=True, skip=True)
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats, warmup):
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def precision_context(precision, device):
