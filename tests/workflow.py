@@ -13,6 +13,7 @@ WORKFLOW_FILES = ["Snakefile", "rules", "params.yaml", "schemas", "profiles", "e
 def copy_workflow(dst):
     """The workflow's own files (not data/, results/, …) into ``dst``."""
     dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
         if src.is_dir():
