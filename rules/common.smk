@@ -23,9 +23,14 @@ wildcard_constraints:
     n=r"\d+",
 
 
+def _sorted(value):
+    # Key order must not matter: the same parameters saved with sorted keys are the same parameters.
+    return {k: _sorted(value[k]) for k in sorted(value)} if isinstance(value, dict) else value
+
+
 def cfg(ds, *keys):
     """The dataset block's sections a step reads: Snakemake reruns the step when they change."""
-    return {k: config[ds].get(k) for k in keys}
+    return {k: _sorted(config[ds].get(k)) for k in keys}
 
 
 def step_values(step):
