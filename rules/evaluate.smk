@@ -94,6 +94,8 @@ rule sweep_evaluate:
                                  else f"--train {input.train} --like {input.samples}"),
     log:
         "logs/{ds}/sweep_{set}_ipc{n}_seed{seed}.log",
+    benchmark:
+        "benchmarks/{ds}/sweep_{set}_ipc{n}_seed{seed}.tsv"
     conda:
         ENV
     threads: 1
@@ -146,6 +148,8 @@ rule audit:
         files=PARAMS_ARGS,
     log:
         "logs/{ds}/audit.log",
+    benchmark:
+        "benchmarks/{ds}/audit.tsv"
     conda:
         ENV
     threads: 2

@@ -37,14 +37,6 @@ def _weights_path(params, name):
     return Path("weights") / params["weights"][name]["filename"]
 
 
-def _load_model(block, checkpoint, device):
-    from .train import build_model
-    from .weights import load_state_dict_checked
-    model = build_model(block["model"])
-    load_state_dict_checked(model, checkpoint)
-    return model.to(device).eval()
-
-
 # ---------------------------------------------------------------- steps
 
 def cmd_prepare(args):
@@ -101,19 +93,26 @@ def cmd_train(args):
 
 def cmd_sample(args):
     from .config import resolve_device
-    from .data import load_split  # noqa: F401  (classes come from the checkpoint's dataset)
-    from .sample import check_checkpoint, sample, write
+    from .sample import check_checkpoint, sample_devices, sample_parallel, write
     block = _block(args)
-    device = resolve_device(args.device)
     cfg = dict(block["sample"])
     cfg["classes"] = _class_names(args)
-    check_checkpoint(block["model"], args.checkpoint)
-    model = _load_model(block, args.checkpoint, device)
-    image_set, manifest = sample(model, cfg, block["model"]["num_classes"], device,
-                                 checkpoint_path=args.checkpoint)
+    check_checkpoint(block["model"], args.checkpoint, block.get("train"))
+    if args.devices:
+        devices = [resolve_device(d.strip()) for d in args.devices.split(",") if d.strip()]
+    else:
+        devices = sample_devices(cfg.get("gpus", 0), resolve_device(args.device))
+        if len(devices) == 1 and int(cfg.get("gpus", 0) or 0) > 1:
+            log.info("sample.gpus is %s but the device is %s: sampling in one process", cfg["gpus"], devices[0])
+    if len(devices) > 1:
+        log.info("sampling on %d devices: %s", len(devices), ", ".join(str(d) for d in devices))
+    image_set, manifest = sample_parallel(block["model"], args.checkpoint, cfg, block["model"]["num_classes"],
+                                          devices, train_cfg=block.get("train"))
     write(args.out, image_set, manifest)
-    log.info("sampled %d images in %.1f s (%.1f images/s)", manifest["count"], manifest["seconds"],
-             manifest["images_per_second"])
+    log.info("sampled %d images in %.1f s (%.1f images/s)%s", manifest["count"], manifest["seconds"],
+             manifest["images_per_second"],
+             f", {manifest['dropped_for_balance']} dropped to keep classes balanced"
+             if manifest.get("dropped_for_balance") else "")
 
 
 def _class_names(args):
@@ -300,6 +299,8 @@ def build_parser():
     p = step("sample", cmd_sample, "timed, class-balanced sampling with the EMA weights")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--devices", help="comma-separated devices to sample on at once (e.g. cuda:0,cuda:1); "
+                                     "default: sample.gpus GPUs, or the one --device")
 
     p = step("select", cmd_select, "choose the subset S of the generated images")
     p.add_argument("--samples", required=True)
