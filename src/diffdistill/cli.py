@@ -5,6 +5,7 @@ works on one, explicit input and output paths, and `--log` (a copy of its log li
 """
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,13 +15,34 @@ log = logging.getLogger("diffdistill")
 
 # ---------------------------------------------------------------- shared plumbing
 
+FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class _WithoutTraceback(logging.Formatter):
+    """The console's lines when a log file holds the tracebacks: one line per record."""
+
+    def format(self, record):
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
 def _setup_logging(log_path):
-    handlers = [logging.StreamHandler(sys.stderr)]
+    """Log lines to the console and, with --log, to that file; returns the log file's path or None.
+    Under torchrun every process but rank 0 writes beside it (``LOG.rank1`` …)."""
+    console = logging.StreamHandler(sys.stderr)
+    handlers, path = [console], None
     if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        handlers=handlers, force=True)
+        rank = int(os.environ.get("RANK", "0"))
+        path = Path(f"{log_path}.rank{rank}" if rank else log_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, mode="w"))
+        console.setFormatter(_WithoutTraceback(FORMAT))  # tracebacks go to the file only
+    logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers, force=True)
+    return path
 
 
 def _params(args):
@@ -354,14 +376,20 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log)
-    from .config import ParamsError
+    log_file = _setup_logging(args.log)
     try:
         args.func(args)
-    except (ParamsError, ValueError, FileNotFoundError, RuntimeError) as err:
-        # Expected failures (bad input, missing file, failed download): one clear line, exit 1.
-        log.error("%s failed: %s", args.step, err)
-        log.debug("traceback", exc_info=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - every failure is reported with its traceback, none swallowed
+        # Our own errors (bad params, a missing file, a failed download) are ValueError/FileNotFoundError
+        # with a message that says what to do; anything else also names its type.
+        expected = isinstance(err, (ValueError, FileNotFoundError))
+        what = str(err) if expected else f"{type(err).__name__}: {err}"
+        where = f"\n(the traceback is in {log_file})" if log_file else ""
+        # The traceback: in the log file when there is one (the console then gets the line alone);
+        # on the console for an unexpected error when there is none.
+        log.error("%s failed: %s%s", args.step, what, where, exc_info=bool(log_file) or not expected)
         return 1
     return 0
 

@@ -27,8 +27,8 @@ Conventions:
   train_cfg)`` and ``null_class_index(model_cfg, train_cfg)`` apply this rule, so code that loads
   ``ema.pt`` builds the same shape; the sampler gets ``null_class=null_class_index(...)``.
 * Initial weights: ``build_model`` under ``torch.manual_seed(train.seed)``; then, if given,
-  ``init_state_dict`` (a state dict of exactly that model's shapes is loaded strictly, anything else
-  goes through ``weights.init_from_pretrained``, e.g. a released U-ViT checkpoint).
+  ``init_state_dict`` (a state dict or the path of a checkpoint file; one of exactly that model's
+  shapes is loaded strictly, anything else goes through ``weights.init_from_pretrained``, e.g. a released U-ViT checkpoint).
 """
 import contextlib
 import copy
@@ -257,15 +257,18 @@ def _resolve_precision(requested, device):
     return requested, (torch.bfloat16 if requested == "bf16" else torch.float16)
 
 
-def _load_init(model, state_dict):
-    """Load starting weights: strictly when every key and shape matches, else adapt a pretrained
-    U-ViT through weights.init_from_pretrained (which raises listing what does not fit)."""
+def _load_init(model, init):
+    """Load starting weights from a state dict or a checkpoint file (a released U-ViT ``.pth``):
+    strictly when every key and shape matches, else adapt a pretrained U-ViT through
+    weights.init_from_pretrained (which raises listing what does not fit)."""
+    from diffdistill import weights
+
+    state_dict, source = weights.load_checkpoint(init)  # a path or a dict; unwraps {'model': …}, 'module.'
     own = model.state_dict()
     if set(state_dict) == set(own) and all(tuple(state_dict[k].shape) == tuple(own[k].shape) for k in own):
         model.load_state_dict(state_dict, strict=True)
         return {"copied": sorted(own), "fresh": []}
-    from diffdistill import weights  # only needed to adapt a pretrained checkpoint
-    return weights.init_from_pretrained(model, state_dict)
+    return weights.init_from_pretrained(model, state_dict, source=source)
 
 
 def _all_finite(model):

@@ -305,7 +305,7 @@ def _mismatch_report(model_sd, sd):
     return lines
 
 
-def init_from_pretrained(model, state_dict):
+def init_from_pretrained(model, state_dict, source=None):
     """Initialise ``model`` from a pretrained U-ViT "excluding the label layer" (DESIGN.md).
 
     - unconditional checkpoint (no ``label_emb``, ``pos_embed`` one token shorter) into a conditional
@@ -314,8 +314,10 @@ def init_from_pretrained(model, state_dict):
     - conditional checkpoint with another class count: everything but ``label_emb`` is copied.
     Any other difference raises ValueError listing every mismatched key with both shapes.
     Returns ``dict(copied=[...], fresh=[...])`` (parameter names; the pos_embed split is spelled out).
+    ``source`` names the file in errors when ``state_dict`` was already loaded from one.
     """
-    sd, source = load_checkpoint(state_dict)
+    sd, loaded_from = load_checkpoint(state_dict)
+    source = source or loaded_from
     model_sd = model.state_dict()
     conditional = "label_emb.weight" in model_sd
     copied, fresh, problems = [], [], []
