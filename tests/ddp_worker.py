@@ -1,12 +1,17 @@
 """Helper for tests/test_train.py: the tiny model, made data, and a script that trains in a separate
 process (under torchrun for the DDP test, or as a process the test SIGKILLs).
 
-    python tests/ddp_worker.py OUT_DIR '{"steps": 4, ...}' [--slow SECONDS]
+    python tests/ddp_worker.py OUT_DIR '{"steps": 4, ...}' [--slow SECONDS] [--fid STATS]
+
+``--fid STATS``: the FID curve of fid.make_training_fid against STATS (ConvNet features). Each rank
+records the image ranges it sampled and the FID values it got (OUT_DIR/../fid_rank{r}.json), and, after
+training, the FID of ``fixed_model()`` computed by all ranks together.
 """
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +32,48 @@ def make_data(n=40, size=8, channels=3, num_classes=4, seed=0):
             "classes": np.array([f"c{i}" for i in range(num_classes)])}
 
 
+def fixed_model():
+    """The tiny U-ViT at a fixed random init (an FID to compare one process with several)."""
+    import torch
+
+    from diffdistill.train import build_model
+    torch.manual_seed(123)
+    return build_model(TINY_MODEL).eval()
+
+
+def fid_block(cfg):
+    return {"model": TINY_MODEL, "train": cfg, "fid": {"features": "convnet"}}
+
+
+def _fid_hook(out_dir, cfg, stats):
+    """make_training_fid's eval_fn, recording this rank's sampled ranges and the values it returned."""
+    import torch.distributed as dist
+
+    from diffdistill import fid, sample
+    record = {"ranges": [], "values": []}
+    original = sample.sample_range
+
+    def recording_range(model, sample_cfg, num_classes, device, start, stop):
+        record["ranges"].append([int(start), int(stop)])
+        return original(model, sample_cfg, num_classes, device, start, stop)
+
+    sample.sample_range = recording_range
+    eval_fn = fid.make_training_fid(fid_block(cfg), stats, device="cpu")
+
+    def hook(model, step):
+        value = eval_fn(model, step)
+        record["values"].append(value)
+        return value
+
+    hook.distributed = eval_fn.distributed
+
+    def save():
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        (Path(out_dir).parent / f"fid_rank{rank}.json").write_text(json.dumps(record))
+
+    return hook, eval_fn, save
+
+
 def main(argv):
     out_dir, overrides = argv[0], json.loads(argv[1])
     import torch
@@ -45,7 +92,21 @@ def main(argv):
             return original(*args, **kwargs)
 
         diffusion.training_loss = slow_loss
-    train(TINY_MODEL, {**TINY_TRAIN, **overrides}, make_data(), out_dir, device="cpu", progress=False)
+    cfg = {**TINY_TRAIN, **overrides}
+    if "--fid" not in argv:
+        train(TINY_MODEL, cfg, make_data(), out_dir, device="cpu", progress=False)
+        return
+    import torch.distributed as dist
+    dist.init_process_group("gloo")        # ours, so that it outlives train() for the fixed model's FID
+    try:
+        hook, eval_fn, save = _fid_hook(out_dir, cfg, argv[argv.index("--fid") + 1])
+        train(TINY_MODEL, cfg, make_data(), out_dir, eval_fn=hook, device="cpu", progress=False)
+        fixed = eval_fn(fixed_model(), 0)
+        if dist.get_rank() == 0:
+            (Path(out_dir) / "fixed_fid.json").write_text(json.dumps(fixed))
+        save()
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

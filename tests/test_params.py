@@ -63,3 +63,17 @@ def test_cli_rejects_bad_params_with_exit_code_1(tmp_path, capsys):
     assert code == 1
     assert not (tmp_path / "data").exists()
     assert "digits.train.steps" in capsys.readouterr().err
+
+
+def test_device_key(params):
+    assert params["device"] == "auto"                            # the committed default
+    for value in ("auto", "cpu", "cuda"):
+        validate({**params, "device": value})
+    with pytest.raises(ParamsError, match="'device'"):
+        validate({**params, "device": "gpu"})
+
+
+def test_paper_training_lengths(params):
+    """The paper trained 80,000 steps on CIFAR-100 and 117,000 on Tiny-ImageNet (4 A100s)."""
+    assert params["cifar100"]["train"]["steps"] == 80000 and params["tinyimagenet"]["train"]["steps"] == 117000
+    assert params["cifar100"]["train"]["warmup_steps"] == 2500   # U-ViT's CIFAR-10 config

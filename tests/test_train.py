@@ -283,3 +283,156 @@ def test_label_dropout_null_class_and_cpu_precision(tmp_path):
     # flipping changes the data the model saw
     run(tmp_path / "noflip", steps=2, label_dropout=0.5)
     assert not torch.equal(state(tmp_path)["model"]["pos_embed"], state(tmp_path / "noflip")["model"]["pos_embed"])
+
+
+# ---------------------------------------------------------------------------------------------- FID settings
+
+def counting_fid(values=None):
+    """A fake eval_fn: records the steps it was called at, returns 10 / step (or values[step])."""
+    calls = []
+
+    def fake(ema_model, step):
+        calls.append(step)
+        return (values or {}).get(step, 10.0 / step)
+
+    fake.calls = calls
+    return fake
+
+
+def fid_rows(out):
+    return [(int(r["step"]), float(r["fid"])) for r in csv.DictReader(open(Path(out) / "fid_curve.csv"))]
+
+
+def test_changed_fid_settings_resume_instead_of_restarting(tmp_path, caplog):
+    cfg = dict(TINY_TRAIN, steps=6, checkpoint_every=2, fid_every=2, fid_samples=10, fid_steps=4)
+    first = counting_fid()
+    part = train(TINY_MODEL, cfg, make_data(), tmp_path / "run", eval_fn=first, device="cpu", progress=False,
+                 stop_after=4)
+    assert part["stopped_early"] and first.calls == [2, 4] and state(tmp_path / "run")["step"] == 4
+    # a killed multi-day run, restarted with other FID settings (more images, more solver steps)
+    second = counting_fid({6: 1.5})
+    with caplog.at_level("WARNING", logger="diffdistill.train"):
+        rest = train(TINY_MODEL, dict(cfg, fid_samples=20, fid_steps=8, fid_batch_size=7), make_data(),
+                     tmp_path / "run", eval_fn=second, device="cpu", progress=False)
+    assert rest["resumed_from"] == 4 and rest["steps"] == 6 and "starting fresh" not in caplog.text
+    assert second.calls == [6]                                   # steps 1-4 were not trained again
+    rows = list(csv.DictReader(open(tmp_path / "run" / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    # The two points measured with 10 images are not comparable with ones of 20: they leave the curve
+    # (kept in state.pt), the best FID restarts under the new settings.
+    assert fid_rows(tmp_path / "run") == [(6, 1.5)]
+    assert rest["fid_points_superseded"] == 2 and rest["best_fid"] == 1.5 and rest["best_fid_step"] == 6
+    s = state(tmp_path / "run")
+    assert s["fid_earlier"] == [{"settings": {"fid_samples": 10, "fid_steps": 4, "fid_batch_size": 500},
+                                 "points": [[2, 5.0], [4, 2.5]]}]
+    assert s["fid_settings"] == {"fid_samples": 20, "fid_steps": 8, "fid_batch_size": 7}
+    assert "FID settings changed" in caplog.text
+    # the weights are those of an uninterrupted run: the FID settings never touched training
+    run(tmp_path / "ref", steps=6, checkpoint_every=100)
+    assert_same(state(tmp_path / "ref")["model"], s["model"])
+    assert_same(state(tmp_path / "ref")["ema"], s["ema"])
+
+
+def test_finished_run_remeasures_its_final_fid_when_fid_settings_change(tmp_path):
+    cfg = dict(TINY_TRAIN, steps=4, fid_every=2, fid_samples=10)
+    train(TINY_MODEL, cfg, make_data(), tmp_path, eval_fn=counting_fid(), device="cpu", progress=False)
+    same = counting_fid()
+    assert train(TINY_MODEL, dict(cfg, fid_every=4), make_data(), tmp_path, eval_fn=same, device="cpu",
+                 progress=False)["resumed_from"] == 4
+    assert same.calls == [] and fid_rows(tmp_path) == [(2, 5.0), (4, 2.5)]   # fid_every alone: nothing to redo
+    again = counting_fid({4: 7.0})
+    summary = train(TINY_MODEL, dict(cfg, fid_steps=9), make_data(), tmp_path, eval_fn=again, device="cpu",
+                    progress=False)
+    assert summary["resumed_from"] == 4 and again.calls == [4]
+    assert fid_rows(tmp_path) == [(4, 7.0)] and summary["best_fid"] == 7.0
+
+
+def test_state_from_before_fid_settings_left_the_hash_is_resumed(tmp_path):
+    """A run in flight when NOT_HASHED grew (its state.pt carries the old hash) is continued."""
+    from diffdistill.train import _LEGACY_NOT_HASHED, config_hash, data_fingerprint
+
+    cfg = dict(TINY_TRAIN, steps=4, checkpoint_every=2, fid_samples=10, fid_steps=4)
+    run(tmp_path, stop_after=2, **cfg)
+    s = state(tmp_path)
+    data = make_data()
+    legacy = config_hash(TINY_MODEL, cfg, data_fingerprint(data["images"], data["labels"]), _LEGACY_NOT_HASHED)
+    assert legacy != s["config_hash"]                            # the old hash did include the FID settings
+    s["config_hash"] = legacy
+    del s["fid_settings"], s["fid_earlier"]
+    torch.save(s, tmp_path / "state.pt")
+    assert run(tmp_path, **cfg)["resumed_from"] == 2
+    # under other FID settings the old hash no longer matches: that state belonged to another run
+    s["config_hash"] = legacy
+    torch.save(s, tmp_path / "state.pt")
+    assert run(tmp_path, **dict(cfg, steps=4, fid_samples=11))["resumed_from"] is None
+
+
+# ---------------------------------------------------------------------------------------------- FID under DDP
+
+@pytest.fixture()
+def convnet_stats(tmp_path):
+    """FID statistics of the made data under a random (untrained) ConvNet: features that depend on the
+    images, made in milliseconds. depth 2 at 8 px: 32-d features."""
+    from diffdistill import fid
+    from diffdistill.convnet import ConvNet
+
+    torch.manual_seed(0)
+    net = ConvNet(in_channels=3, num_classes=4, image_size=8, depth=2, width=8)
+    classifier = tmp_path / "classifier.pt"
+    fid.ConvNetFeatures(net, [0.5] * 3, [0.25] * 3).save(classifier, dict(in_channels=3, num_classes=4,
+                                                                           image_size=8, depth=2, width=8))
+    stats = tmp_path / "fid_stats.npz"
+    fid.write_stats({"features": "convnet"}, make_data(), stats, classifier_path=classifier, progress=False)
+    return stats
+
+
+def test_sample_range_pieces_are_the_one_process_run(tmp_path):
+    """sample_range over consecutive ranges gives the images of one cap run, whatever the split."""
+    from ddp_worker import fixed_model
+
+    from diffdistill import sample
+    cfg = {"budget_seconds": None, "max_per_class": 3, "batch_size": 4, "steps": 3, "variant": "fast",
+           "guidance_scale": 0.0, "seed": 5, "precision": "fp32"}
+    model = fixed_model()
+    whole, _ = sample.sample(model, cfg, 4, "cpu", progress=False)          # 12 images in batches of 4
+    parts = [sample.sample_range(model, cfg, 4, "cpu", lo, hi) for lo, hi in ((0, 5), (5, 6), (6, 6), (6, 11))]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    assert images.shape == (11, 8, 8, 3) and labels.tolist() == [i % 4 for i in range(11)]
+    diff = np.abs(images.astype(int) - whole["images"][:11].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3                      # float rounding at most
+    assert len(np.unique(images.reshape(11, -1), axis=0)) == 11               # not one image repeated
+    with pytest.raises(ValueError, match="start <= stop"):
+        sample.sample_range(model, cfg, 4, "cpu", 3, 2)
+
+
+def test_ddp_fid_points_are_shared_by_the_ranks_and_equal_one_process(tmp_path, convnet_stats):
+    """Two gloo processes: each samples half of every FID point, and the curve and the FID of a fixed
+    model equal the one-process values."""
+    from ddp_worker import fid_block, fixed_model
+
+    from diffdistill import fid
+    cfg = dict(steps=4, micro_batch=8, checkpoint_every=100, fid_every=2, fid_samples=10, fid_steps=3,
+               fid_batch_size=4)
+    t0 = time.time()
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER),
+                           str(tmp_path / "ddp"), json.dumps(cfg), "--fid", str(convnet_stats)],
+                          env=worker_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp_seconds = time.time() - t0
+    ranks = [json.loads((tmp_path / f"fid_rank{r}.json").read_text()) for r in (0, 1)]
+    # points at steps 2 and 4, then the fixed model: rank 0 drew images 0-4, rank 1 images 5-9 each time
+    assert ranks[0]["ranges"] == [[0, 5]] * 3 and ranks[1]["ranges"] == [[5, 10]] * 3
+    assert ranks[0]["values"] == ranks[1]["values"]                         # every rank gets the value
+    single_cfg = dict(TINY_TRAIN, **dict(cfg, micro_batch=32))
+    eval_fn = fid.make_training_fid(fid_block(single_cfg), convnet_stats, device="cpu")
+    fixed_one = eval_fn(fixed_model(), 0)
+    fixed_two = json.loads((tmp_path / "ddp" / "fixed_fid.json").read_text())
+    assert fixed_one > 0 and fixed_two == pytest.approx(fixed_one, rel=1e-6)
+    train(TINY_MODEL, single_cfg, make_data(), tmp_path / "single", eval_fn=eval_fn, device="cpu", progress=False)
+    one, two = fid_rows(tmp_path / "single"), fid_rows(tmp_path / "ddp")
+    assert [s for s, _ in one] == [s for s, _ in two] == [2, 4]
+    # the weights of the two runs agree to ~1e-6 (float summation order), so do the FIDs
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-4)
+    assert one[0][1] != one[1][1]                                            # the points measure the weights
+    print(f"two-process run with 3 FID points: {ddp_seconds:.1f} s")

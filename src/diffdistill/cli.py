@@ -55,6 +55,13 @@ def _block(args):
     return dataset_params(_params(args), args.dataset)
 
 
+def _device(args, section, params=None):
+    """The step's device (config.step_device): --device, else params' `device:`, else auto; a step
+    whose ``section`` asks for a GPU stops here, before reading anything, when there is none."""
+    from .config import step_device
+    return step_device(params if params is not None else _params(args), args.dataset, section, args.device)
+
+
 def _weights_path(params, name):
     return Path("weights") / params["weights"][name]["filename"]
 
@@ -73,22 +80,23 @@ def cmd_fetch_weights(args):
 
 
 def cmd_classifier(args):
-    from .config import resolve_device
     from .fid import train_reference_classifier
     from .io import load_npz
-    train_reference_classifier(load_npz(args.train), _block(args)["classifier"], args.out, seed=0,
-                               device=resolve_device(args.device))
+    params = _params(args)
+    device = _device(args, "classifier", params)
+    train_reference_classifier(load_npz(args.train), params[args.dataset]["classifier"], args.out, seed=0,
+                               device=device)
 
 
 def cmd_fid_stats(args):
-    from .config import resolve_device
     from .fid import write_stats
     from .io import load_npz
     params = _params(args)
+    device = _device(args, "fid", params)
     block = params[args.dataset]
     inception = _weights_path(params, "fid_inception") if block["fid"]["features"] == "inception" else None
     write_stats(block["fid"], load_npz(args.train), args.out, inception_weights=inception,
-                classifier_path=args.classifier, device=resolve_device(args.device))
+                classifier_path=args.classifier, device=device)
 
 
 def cmd_train(args):
@@ -96,15 +104,18 @@ def cmd_train(args):
 
     import torch
 
-    from .config import resolve_device
     from .data import load_split
     from .fid import make_training_fid
     from .train import train
     params = _params(args)
     block = params[args.dataset]
-    device = resolve_device(args.device)
+    device = _device(args, "train", params)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(f"torchrun started process {local_rank} but only {visible} CUDA device(s) are "
+                             f"visible; set {args.dataset}.train.gpus to at most {visible} or allocate more GPUs")
+        device = torch.device("cuda", local_rank)
     init = None
     if block.get("pretrained"):
         init = _weights_path(params, block["pretrained"])
@@ -114,18 +125,24 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from .config import resolve_device
+    from .config import step_device
     from .sample import check_checkpoint, sample_devices, sample_parallel, write
-    block = _block(args)
+    params = _params(args)
+    block = params[args.dataset]
+    if args.devices:   # chosen by hand: each as --device would take it (a CUDA one must exist)
+        devices = [step_device(params, args.dataset, "sample", d.strip())
+                   for d in args.devices.split(",") if d.strip()]
+    else:
+        devices = sample_devices(block["sample"].get("gpus", 0), _device(args, "sample", params))
+        if len(devices) == 1 and int(block["sample"].get("gpus", 0) or 0) > 1:
+            log.info("sample.gpus is %s but the device is %s: sampling in one process",
+                     block["sample"]["gpus"], devices[0])
+    if devices[0].type != "cuda" and block["sample"].get("precision") in ("bf16", "fp16"):
+        log.info("sample.precision %s on %s: sampling in fp32 (autocast is used on CUDA only)",
+                 block["sample"]["precision"], devices[0])
     cfg = dict(block["sample"])
     cfg["classes"] = _class_names(args)
     check_checkpoint(block["model"], args.checkpoint, block.get("train"))
-    if args.devices:
-        devices = [resolve_device(d.strip()) for d in args.devices.split(",") if d.strip()]
-    else:
-        devices = sample_devices(cfg.get("gpus", 0), resolve_device(args.device))
-        if len(devices) == 1 and int(cfg.get("gpus", 0) or 0) > 1:
-            log.info("sample.gpus is %s but the device is %s: sampling in one process", cfg["gpus"], devices[0])
     if len(devices) > 1:
         log.info("sampling on %d devices: %s", len(devices), ", ".join(str(d) for d in devices))
     image_set, manifest = sample_parallel(block["model"], args.checkpoint, cfg, block["model"]["num_classes"],
@@ -148,17 +165,18 @@ def _class_names(args):
 def cmd_select(args):
     import numpy as np
 
-    from .config import resolve_device
     from .fid import features, make_extractor
     from .io import load_npz, save_npz
     from .select import select
-    cfg = _block(args)["select"]
+    params = _params(args)
+    device = _device(args, "select", params)
+    cfg = params[args.dataset]["select"]
     samples = load_npz(args.samples)
     feats = scores = None
     if cfg["strategy"] in ("kcenter", "confidence"):
         if not args.classifier:
             raise ValueError(f"select.strategy {cfg['strategy']!r} needs the reference classifier: pass --classifier")
-        reference = make_extractor("convnet", convnet_path=args.classifier, device=resolve_device(args.device))
+        reference = make_extractor("convnet", convnet_path=args.classifier, device=device)
         if cfg["strategy"] == "kcenter":
             feats = features(samples["images"], reference, batch_size=512)
         else:  # the classifier's probability of each image's own label
@@ -186,11 +204,12 @@ def cmd_export(args):
 
 
 def cmd_evaluate(args):
-    from .config import resolve_device
     from .evaluate import evaluate_run, normalization, random_real_subset
     from .io import load_npz, save_json
     from .sample import balanced_prefix
-    block = _block(args)
+    params = _params(args)
+    device = _device(args, "evaluate", params)
+    block = params[args.dataset]
     eval_cfg = block["evaluate"]
     train_set, test_set = load_npz(args.train), load_npz(args.test)
     real_train = load_npz(Path(args.test).with_name("train.npz"))
@@ -203,7 +222,7 @@ def cmd_evaluate(args):
             train_set = balanced_prefix(train_set, args.images_per_class)
     if like is not None:
         train_set = random_real_subset(train_set, like["labels"], seed=args.seed)
-    result = evaluate_run(train_set, test_set, eval_cfg, seed=args.seed, device=resolve_device(args.device),
+    result = evaluate_run(train_set, test_set, eval_cfg, seed=args.seed, device=device,
                           name=args.set, mean=mean, std=std)
     if args.images_per_class:
         result["images_per_class"] = args.images_per_class
@@ -221,14 +240,15 @@ def cmd_summarize(args):
 
 
 def cmd_fid(args):
-    from .config import resolve_device
     from .fid import fid_against_stats
     from .io import load_npz, save_json
-    block = _block(args)
+    params = _params(args)
+    device = _device(args, "fid", params)
+    block = params[args.dataset]
     samples = load_npz(args.samples)
     n = min(len(samples["labels"]), block["fid"]["final_samples"])
     t0 = time.time()
-    value = fid_against_stats(samples["images"][:n], args.stats, resolve_device(args.device))
+    value = fid_against_stats(samples["images"][:n], args.stats, device)
     key = f"fid_{block['fid']['features']}"
     save_json(args.out, {key: value, "n_samples": n, "seconds": round(time.time() - t0, 2)})
     log.info("%s = %.3f on %d samples", key, value, n)
@@ -244,10 +264,9 @@ def cmd_sweep(args):
 
 def cmd_audit(args):
     from .audit import audit, write_audit
-    from .config import resolve_device
     from .fid import make_extractor
     from .io import load_npz
-    device = resolve_device(args.device)
+    device = _device(args, "audit")
     reference = make_extractor("convnet", convnet_path=args.classifier, device=device)
 
     def reference_features(images):
@@ -290,7 +309,10 @@ def build_parser():
         p = sub.add_parser(name, help=help)
         p.add_argument("--params", action="append", help="params.yaml, then override files (repeatable)")
         p.add_argument("--log", help="also write the log to this file")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--device", default="auto",
+                       help="auto | cpu | cuda | cuda:N; beats params' `device:`. auto: CUDA when there is one; "
+                            "without one a step whose params ask for a GPU (gpus > 0, bf16/fp16) stops "
+                            "unless the CPU is asked for (--device cpu or `device: cpu`)")
         if dataset:
             p.add_argument("--dataset", required=True, help="a block of params.yaml")
         p.set_defaults(func=func)

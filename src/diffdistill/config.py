@@ -1,5 +1,6 @@
 """params.yaml: loading, merging overrides, schema validation; device and seeding helpers."""
 import copy
+import os
 import random
 from pathlib import Path
 
@@ -66,9 +67,86 @@ def dataset_params(params, dataset):
 
 
 def resolve_device(name="auto"):
+    """``auto`` -> CUDA when there is one, else the CPU; anything else as torch.device reads it.
+    Steps pick their device with ``step_device``, which refuses to fall back to the CPU silently."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+DEVICES = ("auto", "cpu", "cuda")     # the top-level `device:` key of params.yaml
+GPU_PRECISIONS = ("bf16", "fp16")     # autocast precisions: only a GPU runs them
+
+
+class DeviceError(ValueError):
+    """A step that params put on a GPU found none; the message names the key and the fix."""
+
+
+def gpu_requests(block, section):
+    """The settings of ``block[section]`` that ask for a GPU, as 'section.key is value' strings:
+    ``gpus > 0`` (every step's section), and for train/sample an autocast precision (bf16, fp16)."""
+    cfg = block.get(section) if section else None
+    if not isinstance(cfg, dict):           # select, audit: no section of their own with gpus
+        return []
+    reasons = []
+    if int(cfg.get("gpus", 0) or 0) > 0:
+        reasons.append(f"{section}.gpus is {cfg['gpus']}")
+    if section in ("train", "sample") and cfg.get("precision") in GPU_PRECISIONS:
+        reasons.append(f"{section}.precision is {cfg['precision']}")
+    return reasons
+
+
+def _checked_cuda(device, source):
+    """``device`` (CUDA) if it exists, else DeviceError naming where it was asked for."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        raise DeviceError(f"{source} asks for CUDA but no CUDA device is visible (torch.cuda.is_available() is "
+                          f"False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run "
+                          f"where a GPU is allocated, or ask for the CPU (--device cpu, or device: cpu in params)")
+    if device.index is not None and device.index >= visible:
+        raise DeviceError(f"{source} asks for {device} but only {visible} CUDA device(s) are visible; "
+                          f"use cuda:0 … cuda:{visible - 1}")
+    return device
+
+
+def step_device(params, dataset, section, cli_device="auto"):
+    """The torch.device a step runs on; every step of the CLI picks its device here.
+
+    Precedence: ``--device`` (anything but ``auto``), then the top-level ``device:`` of params.yaml
+    (``auto`` | ``cpu`` | ``cuda``), then ``auto``. An explicit device is used as asked (CUDA must be
+    there). ``auto`` takes CUDA when there is one; without CUDA it takes the CPU only when nothing in
+    ``{dataset}.{section}`` asks for a GPU (``gpus > 0``; bf16/fp16 for train and sample), and
+    otherwise stops at once with DeviceError: a multi-day job must not crawl along on the CPU because
+    a node came up without its GPUs. A CPU run of a GPU configuration is asked for with ``device: cpu``
+    in an override file or ``--device cpu``; bf16/fp16 then run as fp32 (the steps log it)."""
+    cli = str(cli_device or "auto").strip()
+    wanted = params.get("device", "auto") or "auto"
+    if wanted not in DEVICES:
+        raise ParamsError(f"params: device is {wanted!r}; choose one of {list(DEVICES)}")
+    if cli != "auto":
+        source = f"--device {cli}"
+        try:
+            device = torch.device(cli)
+        except RuntimeError as exc:
+            raise DeviceError(f"--device {cli!r} is not a device ({exc}); give auto, cpu, cuda or cuda:N") from exc
+    elif wanted != "auto":
+        source, device = f"params' device: {wanted}", torch.device(wanted)
+    else:
+        source = device = None
+    if device is not None:
+        return _checked_cuda(device, source) if device.type == "cuda" else device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    reasons = gpu_requests(dataset_params(params, dataset), section)
+    if reasons:
+        keys = " and ".join(f"{dataset}.{r}" for r in reasons)
+        raise DeviceError(
+            f"{keys}, which put this step on a GPU, but no CUDA device is visible (torch.cuda.is_available() "
+            f"is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run it where a GPU "
+            f"is allocated (a Slurm job with --gres=gpu), or, to run it on the CPU on purpose, set `device: cpu` "
+            f"in params.yaml or an override file (snakemake --configfile cpu.yaml) or pass --device cpu "
+            f"(bf16/fp16 then run as fp32).")
+    return torch.device("cpu")
 
 
 def seed_everything(seed):

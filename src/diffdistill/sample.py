@@ -298,6 +298,53 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
     return image_set, manifest
 
 
+@torch.no_grad()
+def sample_range(model, sample_cfg, num_classes, device, start, stop):
+    """Images ``start`` … ``stop − 1`` of the run ``sample`` draws for ``sample_cfg`` (no clock, no cap):
+    image ``i`` has label ``i mod K`` and row ``i mod bs`` of batch ``i // bs``'s noise, exactly as in
+    ``sample``, drawn in pieces that never cross one of the run's batches. Splitting ``0 … n`` into
+    consecutive ranges among processes (the training FID on several GPUs) gives each the same images
+    a one-process run has there, up to float rounding in a smaller batch. Returns uint8 [n,H,W,C] and
+    the int64 labels."""
+    # No clock and no cap here (the range says which images): only the other settings are checked.
+    cfg = validate_sample_cfg(dict(sample_cfg, budget_seconds=None, max_per_class=1), num_classes)
+    bs = cfg["batch_size"]
+    if bs == "auto":
+        raise ValueError("sample_range needs a fixed batch size (the noise of image i depends on it), not 'auto'")
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop:
+        raise ValueError(f"sample_range: need 0 <= start <= stop, got {start}, {stop}")
+    image_shape = (model.in_chans, model.img_size, model.img_size)
+    device = torch.device(device)
+    amp_dtype = PRECISIONS[cfg["precision"]] if device.type == "cuda" else None  # CPU runs fp32
+    null_class = int(sample_cfg.get("null_class", num_classes)) if cfg["guidance"] > 0 else None
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    images, labels = [], []
+    try:
+        lo = start
+        while lo < stop:
+            b = lo // bs
+            hi = min(stop, (b + 1) * bs)
+            y = torch.arange(lo, hi, dtype=torch.int64) % num_classes
+            x_T = torch.randn((bs,) + image_shape, generator=batch_generator(cfg["seed"], b))[lo - b * bs:hi - b * bs]
+            amp = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with amp:
+                x0 = diffusion.dpm_solver_sample(model, x_T.to(device), y=y.to(device), steps=cfg["steps"],
+                                                 variant=cfg["variant"], guidance_scale=cfg["guidance"],
+                                                 null_class=null_class)
+            images.append(data_mod.from_model_space(x0))
+            labels.append(y.numpy())
+            lo = hi
+    finally:
+        model.train(was_training)
+    if not images:
+        return np.zeros((0, image_shape[1], image_shape[2], image_shape[0]), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(images), np.concatenate(labels)
+
+
 def _shard_share(total_cap, bs, worker, num_workers):
     """Images that worker ``worker`` of ``num_workers`` draws in a cap run (for its progress bar)."""
     return sum(min(bs, total_cap - b * bs) for b in range(worker, -(-total_cap // bs), num_workers))

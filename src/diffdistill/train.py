@@ -33,6 +33,7 @@ Conventions:
 import contextlib
 import copy
 import csv
+import datetime
 import functools
 import hashlib
 import io as _io
@@ -77,9 +78,26 @@ TRAIN_DEFAULTS = {
     "fid_samples": 5000,
     "seed": 0,
 }
+# How the FID curve is measured (defaults as fid.make_training_fid reads them). They change what the
+# curve's points measure, never the weights.
+FID_DEFAULTS = {"fid_samples": 5000, "fid_steps": 25, "fid_batch_size": 500}
 # Keys that change when or how a run executes but not what it computes: a checkpoint made under
-# other values of these is still resumed. (micro_batch and gpus only change float summation order.)
-NOT_HASHED = ("steps", "checkpoint_every", "fid_every", "micro_batch", "gpus")
+# other values of these is still resumed. (micro_batch and gpus only change float summation order;
+# the FID settings only what the curve measures, so a multi-day run whose fid_samples or fid_steps is
+# changed resumes instead of starting over. See _train for what happens to the points it has.)
+NOT_HASHED = ("steps", "checkpoint_every", "fid_every", "micro_batch", "gpus") + tuple(FID_DEFAULTS)
+# What NOT_HASHED was before the FID settings joined it: states written then are resumed too.
+_LEGACY_NOT_HASHED = ("steps", "checkpoint_every", "fid_every", "micro_batch", "gpus")
+
+# The process group's timeout: how long a rank waits in a collective for the others before the run is
+# aborted. torch's defaults are 10 min for NCCL and 30 min for gloo (torch 2.14); we pass one value for
+# both. What a rank can wait for: rank 0 alone writes state.pt (M/4: model, EMA and AdamW's two moments
+# in fp32, ~2.1 GB; S/2 ~0.7 GB) and computes the Fréchet distance of each FID point (two eigh of
+# 2048×2048, seconds); the FID sampling itself is shared by all ranks (fid.make_training_fid), ~5-12 s
+# per rank per point with 4 H100s at fid_samples 5000, fid_steps 50 (see its docstring). All far
+# under 10 minutes; 30 minutes leaves room for a slow shared filesystem or a user's own eval_fn that
+# runs on rank 0 only, and still stops a run with a hung rank within the hour.
+DDP_TIMEOUT_MINUTES = 30
 
 
 class TrainingDiverged(ValueError):
@@ -129,12 +147,17 @@ def data_fingerprint(images, labels):
     return h.hexdigest()
 
 
-def config_hash(model_cfg, train_cfg, data_sha=""):
+def config_hash(model_cfg, train_cfg, data_sha="", not_hashed=NOT_HASHED):
     """Identity of a run for resuming: the model config, the train config without the keys that do
     not change the result (NOT_HASHED), and the training data."""
-    cfg = {k: v for k, v in settings(train_cfg).items() if k not in NOT_HASHED}
+    cfg = {k: v for k, v in settings(train_cfg).items() if k not in not_hashed}
     blob = json.dumps({"model": model_cfg, "train": cfg, "data": data_sha}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fid_settings(train_cfg):
+    """The settings an FID point is measured with: two points are comparable when these agree."""
+    return {k: train_cfg.get(k, default) for k, default in FID_DEFAULTS.items()}
 
 
 def lr_at(step, lr, warmup_steps):
@@ -292,15 +315,17 @@ def _write_csv(path, header, rows):
                 w.writerow([int(r[0])] + [repr(float(v)) for v in r[1:]])
 
 
-def _try_load_state(path, device, want_hash, steps):
-    """The resume state in ``path`` if it belongs to this run, else None (and the reason is logged)."""
+def _try_load_state(path, device, want_hash, steps, legacy_hash=None):
+    """The resume state in ``path`` if it belongs to this run, else None (and the reason is logged).
+    ``legacy_hash``: the run's hash as it was computed before the FID settings left it; a state
+    saved under it is this run too (its FID settings equal the current ones, which it hashed)."""
     if not path.exists():
         return None, "no checkpoint"
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # an unreadable file: start over rather than crash (it is rewritten atomically)
         return None, f"{path} could not be read ({exc})"
-    if state.get("config_hash") != want_hash:
+    if state.get("config_hash") not in (want_hash, legacy_hash):
         return None, (f"{path} was made with another model/train config or data (hash "
                       f"{state.get('config_hash')} != {want_hash})")
     if state["step"] > steps:
@@ -317,7 +342,9 @@ def train(model_cfg, train_cfg, data, out_dir, init_state_dict=None, eval_fn=Non
     """Train (or finetune) a U-ViT on ``data`` and write checkpoints/{ds}/-style outputs to ``out_dir``.
 
     ``data``: image set {images uint8 [N,H,W,C], labels int64 [N], classes [K]}.
-    ``eval_fn(ema_model, step) -> fid`` is called every ``fid_every`` steps (if > 0) and at the end.
+    ``eval_fn(ema_model, step) -> fid`` is called every ``fid_every`` steps (if > 0) and at the end:
+    on rank 0 only, or on every rank when it has ``eval_fn.distributed = True`` (it then shares the
+    work among the ranks itself, with collectives, and returns the same value on each).
     ``stop_after=n``: return after this call has made n optimizer steps, with a checkpoint written
     (as if killed there). Resumes from ``out_dir/state.pt`` when it belongs to the same run.
     Returns the train.json summary (plus ``stopped_early``)."""
@@ -339,7 +366,8 @@ def train(model_cfg, train_cfg, data, out_dir, init_state_dict=None, eval_fn=Non
         torch.cuda.set_device(device)
     own_group = False
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
         own_group = True
     try:
         return _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, device, progress,
@@ -358,14 +386,17 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
     null_class = null_class_index(model_cfg, cfg)
     conditional = int(model_cfg["num_classes"]) > 0
     precision, amp_dtype = _resolve_precision(cfg["precision"], device)
-    run_hash = config_hash(model_cfg, cfg, data_fingerprint(images, labels))
+    data_sha = data_fingerprint(images, labels)
+    run_hash = config_hash(model_cfg, cfg, data_sha)
     state_path = out_dir / "state.pt"
+    fid_now = fid_settings(cfg)
 
     # --- model, EMA, optimizer; the initial weights depend on the seed only
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         model = build_model(model_cfg, cfg)
-        state, why_fresh = _try_load_state(state_path, "cpu", run_hash, steps)
+        state, why_fresh = _try_load_state(state_path, "cpu", run_hash, steps,
+                                           config_hash(model_cfg, cfg, data_sha, _LEGACY_NOT_HASHED))
         init_info = None
         if state is None and init_state_dict is not None:
             init_info = _load_init(model, init_state_dict)
@@ -381,6 +412,7 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     history, fid_rows = [], []      # (step, loss, lr), (step, fid)
+    fid_earlier = []                # curves measured under earlier FID settings: [{settings, points}]
     best = {"fid": None, "step": None}
     start, seconds_before, train_seconds_before, resumed_from = 0, 0.0, 0.0, None
     if state is not None:
@@ -395,6 +427,24 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
         seconds_before, train_seconds_before = float(state["seconds"]), float(state["train_seconds"])
         if is_main:
             log.info("resuming from %s at step %d", state_path, start)
+        # Changed FID settings (fid_samples, fid_steps, fid_batch_size) resume the run: Snakemake and DVC
+        # rerun train_diffusion when any train: value changes, and the rerun lands here instead of at
+        # step 0. They change what a point measures (FID is biased by the sample count), so the points
+        # measured so far are not comparable with the new ones: they leave fid_curve.csv and the
+        # best-FID bookkeeping (kept in state.pt under fid_earlier, counted in train.json as
+        # fid_points_superseded), and the curve continues at the next fid_every step under the new
+        # settings; best_ema.pt is replaced at the first new point. A run that had finished (a rerun at
+        # step == train.steps) re-measures its final point, so its curve is that one point.
+        # A state from before fid_settings were saved hashed its FID settings: they equal fid_now.
+        fid_earlier = list(state.get("fid_earlier", []))
+        fid_before = dict(state.get("fid_settings", fid_now))
+        if fid_before != fid_now and fid_rows:
+            fid_earlier.append({"settings": fid_before, "points": [list(r) for r in fid_rows]})
+            if is_main:
+                log.warning("the FID settings changed (%s -> %s): the %d FID points measured so far leave "
+                            "fid_curve.csv (kept in state.pt under fid_earlier); the curve restarts at the "
+                            "next point", fid_before, fid_now, len(fid_rows))
+            fid_rows, best = [], {"fid": None, "step": None}
     elif is_main and why_fresh != "no checkpoint":
         log.warning("starting fresh: %s", why_fresh)
     del state
@@ -420,6 +470,7 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
             "step": step, "config_hash": run_hash, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "history": [list(r) for r in history], "fid": [list(r) for r in fid_rows], "best": best,
+            "fid_settings": fid_now, "fid_earlier": fid_earlier,
             "seconds": seconds_before + time.time() - t_start, "train_seconds": train_seconds_before + train_seconds,
             "model_cfg": model_cfg, "train_cfg": cfg,
         })
@@ -427,15 +478,22 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
         if eval_fn is not None:
             _write_csv(out_dir / "fid_curve.csv", ["step", "fid"], fid_rows)
 
+    # An eval_fn marked ``distributed`` (fid.make_training_fid's) is called on every rank, which all
+    # sample a share of the FID images, and returns the same value on each; any other runs on rank 0
+    # alone while the others wait at the next collective (see DDP_TIMEOUT_MINUTES).
+    distributed_eval = bool(getattr(eval_fn, "distributed", False))
+
     def evaluate(step):
-        if not is_main:
+        if not (is_main or distributed_eval):
             return
         fid = float(eval_fn(ema, step))
         fid_rows.append((step, fid))
-        log.info("step %d: FID %.4g", step, fid)
         if math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
             best.update(fid=fid, step=step)
-            _save_torch(out_dir / "best_ema.pt", ema.state_dict())
+            if is_main:
+                _save_torch(out_dir / "best_ema.pt", ema.state_dict())
+        if is_main:
+            log.info("step %d: FID %.4g", step, fid)
 
     t_start, train_seconds, done_here = time.time(), 0.0, 0
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -501,7 +559,8 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
             bar.close()
             return _summary(cfg, history, done, seconds_before + time.time() - t_start,
                             train_seconds_before + train_seconds, device, precision, world_size, resumed_from,
-                            run_hash, best, null_class, model, init_info, stopped_early=True)
+                            run_hash, best, null_class, model, init_info, stopped_early=True,
+                            fid_earlier=fid_earlier)
     bar.close()
 
     if start == steps and eval_fn is not None and not any(s == steps for s, _ in fid_rows):
@@ -509,7 +568,7 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
         write_checkpoint(steps)
     summary = _summary(cfg, history, steps, seconds_before + time.time() - t_start,
                        train_seconds_before + train_seconds, device, precision, world_size, resumed_from,
-                       run_hash, best, null_class, model, init_info, stopped_early=False)
+                       run_hash, best, null_class, model, init_info, stopped_early=False, fid_earlier=fid_earlier)
     if is_main:
         if start == steps:   # nothing trained in this call: make sure the state's files are all there
             _write_csv(out_dir / "loss.csv", ["step", "loss", "lr"], history)
@@ -523,7 +582,7 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
 
 
 def _summary(cfg, history, step, seconds, train_seconds, device, precision, world_size, resumed_from, run_hash,
-             best, null_class, model, init_info, stopped_early):
+             best, null_class, model, init_info, stopped_early, fid_earlier=()):
     B = int(cfg["batch_size"])
     last = [r[1] for r in history[-100:]]
     return {
@@ -545,4 +604,6 @@ def _summary(cfg, history, step, seconds, train_seconds, device, precision, worl
         "init": None if init_info is None else {k: len(v) for k, v in init_info.items()},
         "config_hash": run_hash,
         "stopped_early": stopped_early,
+        # FID points measured under earlier FID settings and left out of fid_curve.csv
+        "fid_points_superseded": sum(len(e["points"]) for e in fid_earlier),
     }
