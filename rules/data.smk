@@ -1,13 +1,40 @@
 # Datasets in one format: data/{ds}/{train,test}.npz; FID reference statistics of the real data.
 
+# Downloads run where Snakemake runs (a login node has internet; compute nodes often do not).
+localrules:
+    download_data,
+
+
+# The public archive of a dataset (cifar100, tinyimagenet), fetched and checksum-verified; offline it
+# fails naming the URL and the path to place the file at by hand. Conversion is prepare_data's job.
+rule download_data:
+    output:
+        "data/downloads/{ds}/{archive}",
+    params:
+        files=PARAMS_ARGS,
+        values=step_values("download_data"),
+    log:
+        "logs/{ds}/download_data_{archive}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=120,
+    shell:
+        "python -m diffdistill download {params.files} --dataset {wildcards.ds} --out {output} --log {log}"
+
 
 rule prepare_data:
+    input:
+        archive=archive_input,
     output:
         train="data/{ds}/train.npz",
         test="data/{ds}/test.npz",
     params:
         files=PARAMS_ARGS,
         values=step_values("prepare_data"),
+        archive=lambda w, input: f"--archive {input.archive}" if input.archive else "",
     log:
         "logs/{ds}/prepare_data.log",
     benchmark:
@@ -19,7 +46,7 @@ rule prepare_data:
         mem_mb=8000,
         runtime=60,
     shell:
-        "python -m diffdistill prepare {params.files} --dataset {wildcards.ds}"
+        "python -m diffdistill prepare {params.files} --dataset {wildcards.ds} {params.archive}"
         " --out data/{wildcards.ds} --log {log}"
 
 
@@ -42,8 +69,7 @@ rule reference_classifier:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=240,
-        gpu=lambda w: gpus(w.ds, "sample") and 1,
+        **gpu_job("reference_classifier", runtime=240),
     shell:
         "python -m diffdistill classifier {params.files} --dataset {wildcards.ds}"
         " --train {input} --out {output} --log {log}"
@@ -69,8 +95,7 @@ rule fid_stats:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=120,
-        gpu=lambda w: gpus(w.ds, "sample") and 1,
+        **gpu_job("fid_stats", runtime=120),
     shell:
         "python -m diffdistill fid-stats {params.files} --dataset {wildcards.ds}"
         " --train {input.train} {params.classifier} --out {output} --log {log}"

@@ -26,8 +26,7 @@ rule train_diffusion:
     threads: 2
     resources:
         mem_mb=32000,
-        runtime=2880,
-        gpu=lambda w: gpus(w.ds, "train"),
+        **gpu_job("train_diffusion", runtime=2880),
     shell:
         "{params.launcher} train {params.files} --dataset {wildcards.ds}"
         " --data data/{wildcards.ds} --fid-stats {input.fid_stats} --out checkpoints/{wildcards.ds} --log {log}"

@@ -23,8 +23,7 @@ rule evaluate:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=240,
-        gpu=lambda w: gpus(w.ds, "sample") and 1,
+        **gpu_job("evaluate", runtime=240),
     shell:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} --train {input.train} {params.like} --test {input.test}"
@@ -71,8 +70,7 @@ rule fid:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=120,
-        gpu=lambda w: gpus(w.ds, "sample") and 1,
+        **gpu_job("fid", runtime=120),
     shell:
         "python -m diffdistill fid {params.files} --dataset {wildcards.ds} --samples {input.samples}"
         " --stats {input.stats} --out {output} --log {log}"
@@ -101,8 +99,7 @@ rule sweep_evaluate:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=240,
-        gpu=lambda w: gpus(w.ds, "sample") and 1,
+        **gpu_job("sweep_evaluate", runtime=240),
     shell:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} {params.source} --images-per-class {wildcards.n} --test {input.test}"
@@ -155,8 +152,7 @@ rule audit:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=120,
-        gpu=lambda w: gpus(w.ds, "sample") and 1,
+        **gpu_job("audit", runtime=120),
     shell:
         "python -m diffdistill audit {params.files} --dataset {wildcards.ds} --samples {input.samples}"
         " --train {input.train} --test {input.test} --classifier {input.classifier} --out {output.summary}"

@@ -19,8 +19,7 @@ rule sample:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=60,
-        gpu=lambda w: gpus(w.ds, "sample"),
+        **gpu_job("sample", runtime=60),
     shell:
         "python -m diffdistill sample {params.files} --dataset {wildcards.ds}"
         " --checkpoint {input.ema} --out synthetic/{wildcards.ds} --log {log}"

@@ -1,5 +1,9 @@
 # Remote files named in params.yaml's `weights:` block (pretrained U-ViT, FID Inception), verified.
 
+# Fetches run where Snakemake runs (a login node has internet; compute nodes often do not).
+localrules:
+    fetch_weights,
+
 
 rule fetch_weights:
     output:

@@ -1,5 +1,5 @@
-"""data.prepare for every kind, from archives made here in the real layouts and served on 127.0.0.1;
-every bad input fails with a message naming the file and leaves no output."""
+"""data.download and data.prepare for every kind, from archives made here in the real layouts and
+served on 127.0.0.1; every bad input fails with a message naming the file and leaves no output."""
 import hashlib
 import io
 import pickle
@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffdistill import data
 from servers import closed_port_url, serve
+from workflow import REPO as ROOT
 
 
 def md5(b):
@@ -104,47 +105,54 @@ def cifar_batch(n, seed, name):
 
 
 FINE = ["apple", "aquarium_fish", "baby", "bear", "beaver"] + [f"class_{i:02d}" for i in range(5, 100)]
+CIFAR_TGZ = "cifar-100-python.tar.gz"
 
 
-@pytest.fixture
-def cifar_archive(monkeypatch):
-    """A cifar-100-python.tar.gz; torchvision's class attributes point at it (test only)."""
-    from torchvision.datasets import CIFAR100
+def cifar_tgz(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
 
-    train, train_labels = cifar_batch(300, 0, "training")
-    test, test_labels = cifar_batch(100, 1, "testing")
+
+def cifar_members(n_train=300, n_test=100):
+    train, train_labels = cifar_batch(n_train, 0, "training")
+    test, test_labels = cifar_batch(n_test, 1, "testing")
     files = {"train": py2_pickle(train), "test": py2_pickle(test),
              "meta": py2_pickle({Py2Str(b"fine_label_names"): [Py2Str(s.encode()) for s in FINE],
                                  Py2Str(b"coarse_label_names"): [Py2Str(f"super_{i}".encode()) for i in range(20)]})}
     # Read back as the real files are: bytes keys with encoding='bytes', str keys with latin1.
     assert set(pickle.loads(files["train"], encoding="bytes")) >= {b"data", b"fine_labels"}
     assert pickle.loads(files["meta"], encoding="latin1")["fine_label_names"][1] == "aquarium_fish"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, blob in files.items():
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    tgz = buf.getvalue()
-    monkeypatch.setattr(CIFAR100, "tgz_md5", md5(tgz))
-    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5(files["train"])]])
-    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5(files["test"])]])
-    monkeypatch.setattr(CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names", "md5": md5(files["meta"])})
-    return tgz, train_labels, test_labels
+    return files, train_labels, test_labels
 
 
-def test_cifar100_from_loopback(tmp_path, cifar_archive, monkeypatch):
-    from torchvision.datasets import CIFAR100
+@pytest.fixture
+def cifar_archive():
+    """A cifar-100-python.tar.gz in the real layout (members train, test, meta; Python 2 pickles)."""
+    files, train_labels, test_labels = cifar_members()
+    return cifar_tgz(files), train_labels, test_labels
 
+
+def cifar_cfg(source, checksum):
+    return {"kind": "cifar100", "image_size": 32, "source": source, "checksum": checksum}
+
+
+def test_cifar100_download_then_prepare_from_loopback(tmp_path, cifar_archive):
     tgz, train_labels, test_labels = cifar_archive
-    with serve({"/cifar-100-python.tar.gz": tgz}) as srv:
-        monkeypatch.setattr(CIFAR100, "url", srv.url("/cifar-100-python.tar.gz"))
-        data.prepare({"kind": "cifar100", "image_size": 32}, tmp_path / "out",
-                     downloads_dir=tmp_path / "dl", progress=False)
-        # Prepared again from the extracted files: no second download.
-        data.prepare({"kind": "cifar100", "image_size": 32}, tmp_path / "out2",
-                     downloads_dir=tmp_path / "dl", progress=False)
-        assert srv.hits["/cifar-100-python.tar.gz"] == 1
+    archive = tmp_path / "dl" / "cifar100" / CIFAR_TGZ
+    assert data.archive_name(cifar_cfg(None, None)) == CIFAR_TGZ
+    with serve({"/" + CIFAR_TGZ: tgz}) as srv:
+        cfg = cifar_cfg(srv.url("/" + CIFAR_TGZ), f"md5:{md5(tgz)}")
+        data.download(cfg, archive, progress=False)
+        data.download(cfg, archive, progress=False)  # there and verified: not fetched again
+        assert srv.hits["/" + CIFAR_TGZ] == 1
+    assert archive.read_bytes() == tgz and outputs(archive.parent) == [CIFAR_TGZ]
+    # Conversion needs the archive only: the server is gone.
+    data.prepare(cfg, tmp_path / "out", archive=archive, progress=False)
     tr, te = data.load_split(tmp_path / "out", "train"), data.load_split(tmp_path / "out", "test")
     assert tr["images"].shape == (300, 32, 32, 3) and te["images"].shape == (100, 32, 32, 3)
     assert list(tr["labels"]) == train_labels and list(te["labels"]) == test_labels
@@ -152,26 +160,105 @@ def test_cifar100_from_loopback(tmp_path, cifar_archive, monkeypatch):
     np.testing.assert_array_equal(tr["images"][:, 5, 7, 0], tr["labels"])  # red = label
     np.testing.assert_array_equal(tr["images"][:, 0, 0, 1], np.arange(300) % 256)  # order kept
     assert (tr["images"][:, :, :16, 2] == 255).all() and (tr["images"][:, :, 16:, 2] == 0).all()
+    # A smaller image size resizes; the labels stay.
+    small, _ = data.build({**cfg, "image_size": 16}, archive=archive, progress=False)
+    assert small["images"].shape == (300, 16, 16, 3) and list(small["labels"]) == train_labels
 
 
-def test_cifar100_offline_and_bad_checksum(tmp_path, cifar_archive, monkeypatch):
-    from torchvision.datasets import CIFAR100
+def test_cifar100_download_and_prepare_through_the_cli(tmp_path, cifar_archive, monkeypatch):
+    """`download` and `prepare` as the rules call them: params.yaml plus an override naming the source."""
+    from diffdistill import cli
 
+    tgz, train_labels, _ = cifar_archive
+    monkeypatch.chdir(tmp_path)
+    with serve({"/c.tgz": tgz}) as srv:
+        (tmp_path / "over.yaml").write_text(
+            f"cifar100:\n  data:\n    source: {srv.url('/c.tgz')}\n    checksum: md5:{md5(tgz)}\n")
+        params = ["--params", str(ROOT / "params.yaml"), "--params", "over.yaml"]
+        assert cli.main(["download", *params, "--dataset", "cifar100"]) == 0
+    archive = tmp_path / "data" / "downloads" / "cifar100" / CIFAR_TGZ  # the default place
+    assert archive.read_bytes() == tgz
+    assert cli.main(["prepare", *params, "--dataset", "cifar100", "--out", "data/cifar100"]) == 0
+    assert list(data.load_split(tmp_path / "data" / "cifar100", "train")["labels"]) == train_labels
+    # digits has nothing to download: a clear failure, nothing written.
+    assert cli.main(["download", *params, "--dataset", "digits", "--out", "x.tgz"]) == 1
+    assert not (tmp_path / "x.tgz").exists()
+
+
+def test_cifar100_missing_url_checksum_and_offline(tmp_path, cifar_archive, caplog):
     tgz, _, _ = cifar_archive
-    url = closed_port_url("/cifar-100-python.tar.gz")
-    monkeypatch.setattr(CIFAR100, "url", url)
-    with pytest.raises(data.DataError) as e:
-        data.prepare({"kind": "cifar100", "image_size": 32}, tmp_path / "out", downloads_dir=tmp_path / "dl",
-                     progress=False)
-    msg = str(e.value)
-    assert url in msg and str(tmp_path / "dl" / "cifar-100-python.tar.gz") in msg and "by hand" in msg
-    # A different archive than torchvision's md5 expects.
-    with serve({"/c.tgz": tgz[:-10] + b"0123456789"}) as srv:
-        monkeypatch.setattr(CIFAR100, "url", srv.url("/c.tgz"))
-        with pytest.raises(data.DataError, match=f"md5 mismatch: expected {md5(tgz)}"):
-            data.prepare({"kind": "cifar100", "image_size": 32}, tmp_path / "out",
-                         downloads_dir=tmp_path / "dl", progress=False)
-    assert outputs(tmp_path / "out") == [] and outputs(tmp_path / "dl") == []
+    dl = tmp_path / "dl"
+    archive = dl / CIFAR_TGZ
+    with serve({"/" + CIFAR_TGZ: tgz}) as srv:
+        # A URL the server does not have: the message names the URL, the path to place the file at, and
+        # the checksum it must have; nothing is left behind.
+        url = srv.url("/mirror/" + CIFAR_TGZ)
+        with pytest.raises(data.DataError) as e:
+            data.download(cifar_cfg(url, f"md5:{md5(tgz)}"), archive, progress=False)
+        msg = str(e.value)
+        assert "404" in msg and url in msg and str(archive) in msg and "by hand" in msg and md5(tgz) in msg
+        assert outputs(dl) == []
+        # An archive other than the checksum expects is deleted.
+        with pytest.raises(data.DataError, match=f"md5 mismatch: expected {'0' * 32}"):
+            data.download(cifar_cfg(srv.url("/" + CIFAR_TGZ), "md5:" + "0" * 32), archive, progress=False)
+        assert outputs(dl) == []
+    # Offline (nothing listens).
+    url = closed_port_url("/" + CIFAR_TGZ)
+    with pytest.raises(data.DataError, match="by hand and place it at") as e:
+        data.download(cifar_cfg(url, None), archive, progress=False)
+    assert url in str(e.value) and outputs(dl) == []
+    # No source configured, and prepare before any download: each says what to do.
+    with pytest.raises(data.DataError, match="data.source is not set"):
+        data.download(cifar_cfg(None, None), archive, progress=False)
+    with pytest.raises(data.DataError, match=r"does not exist\. Run the download step first .* by hand and place it"):
+        data.prepare(cifar_cfg(url, None), tmp_path / "out", archive=archive, progress=False)
+    assert outputs(tmp_path / "out") == []
+
+
+def evil_pickle():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    return pickle.dumps(Evil(), protocol=2)
+
+
+@pytest.mark.parametrize("case", ["no_meta", "short_rows", "bad_label", "not_gzip", "truncated", "evil"])
+def test_cifar100_bad_archive(tmp_path, case, capsys):
+    files, _, _ = cifar_members(n_train=20, n_test=10)
+    if case == "no_meta":
+        del files["meta"]
+    if case in ("short_rows", "bad_label"):
+        batch, labels = cifar_batch(20, 0, "training")
+        if case == "short_rows":
+            batch[Py2Str(b"data")] = batch[Py2Str(b"data")][:, :1024]
+        else:
+            batch[Py2Str(b"fine_labels")] = labels[:-1] + [100]
+        files["train"] = py2_pickle(batch)
+    if case == "evil":
+        files["test"] = evil_pickle()
+    blob = cifar_tgz(files)
+    if case == "not_gzip":
+        blob = b"<html>not an archive</html>"
+    if case == "truncated":
+        blob = blob[: len(blob) // 2]
+    archive = tmp_path / "dl" / CIFAR_TGZ
+    archive.parent.mkdir()
+    archive.write_bytes(blob)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.npz").write_bytes(b"a previous good result")  # must survive a failed run
+    expect = {"no_meta": r"has no cifar-100-python/meta; it is not the cifar-100-python layout",
+              "short_rows": r"cifar-100-python/train has no 'data' array of shape \[N, 3072\]",
+              "bad_label": r"cifar-100-python/train has labels outside 0..99",
+              "not_gzip": r"cifar-100-python.tar.gz is not a complete tar.gz archive .*It was deleted",
+              "truncated": r"cifar-100-python.tar.gz is not a complete tar.gz archive .*It was deleted",
+              "evil": r"cifar-100-python/test is not a CIFAR pickle .*\.print, which a CIFAR pickle never holds"}[case]
+    with pytest.raises(data.DataError, match=expect):
+        data.prepare(cifar_cfg("https://example.org/c.tgz", None), out, archive=archive, progress=False)
+    assert outputs(out) == ["train.npz"] and (out / "train.npz").read_bytes() == b"a previous good result"
+    assert "pwned" not in capsys.readouterr().out
+    # A broken archive is removed so the next run downloads it again; a readable one is kept.
+    assert archive.exists() == (case not in ("not_gzip", "truncated"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,9 +311,11 @@ def tiny_cfg(source, checksum):
 
 def test_tinyimagenet_from_loopback(tmp_path):
     blob = tiny_zip()
+    archive = tmp_path / "dl" / "tiny-imagenet-200.zip"
     with serve({"/tiny-imagenet-200.zip": blob}) as srv:
-        data.prepare(tiny_cfg(srv.url("/tiny-imagenet-200.zip"), f"md5:{md5(blob)}"), tmp_path / "out",
-                     downloads_dir=tmp_path / "dl", progress=False)
+        cfg = tiny_cfg(srv.url("/tiny-imagenet-200.zip"), f"md5:{md5(blob)}")
+        data.download(cfg, archive, progress=False)
+    data.prepare(cfg, tmp_path / "out", archive=archive, progress=False)
     tr, te = data.load_split(tmp_path / "out", "train"), data.load_split(tmp_path / "out", "test")
     assert tr["images"].shape == (12, 64, 64, 3) and te["images"].shape == (6, 64, 64, 3)
     assert list(tr["classes"]) == ["goldfish", "European fire salamander", "Egyptian cat"]
@@ -259,8 +348,11 @@ def test_tinyimagenet_bad_input(tmp_path, case):
         blob, checksum = blob[: len(blob) // 2], None  # a short file on the server; no checksum pinned
     with serve({"/t.zip": blob}) as srv:
         url = closed_port_url("/t.zip") if case == "offline" else srv.url("/t.zip")
+        cfg = tiny_cfg(url, checksum)
         with pytest.raises(data.DataError, match=expect) as e:
-            data.prepare(tiny_cfg(url, checksum), out, downloads_dir=dl, progress=False)
+            # The two steps as the rules run them: download_data, then prepare_data on its archive.
+            archive = data.download(cfg, dl / "tiny-imagenet-200.zip", progress=False)
+            data.prepare(cfg, out, archive=archive, progress=False)
     assert "tiny-imagenet-200.zip" in str(e.value)
     assert outputs(out) == ["train.npz"] and (out / "train.npz").read_bytes() == b"a previous good result"
     left = outputs(dl)

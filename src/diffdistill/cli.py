@@ -68,9 +68,25 @@ def _weights_path(params, name):
 
 # ---------------------------------------------------------------- steps
 
+def _archive_path(args, data_cfg):
+    """--archive, else data/downloads/{dataset}/<the kind's archive name>; None for kinds without one."""
+    from .data import archive_name
+    name = archive_name(data_cfg)
+    if getattr(args, "archive", None):
+        return Path(args.archive)
+    return Path("data/downloads") / args.dataset / name if name else None
+
+
+def cmd_download(args):
+    from .data import download
+    data_cfg = _block(args)["data"]
+    download(data_cfg, args.out or _archive_path(args, data_cfg))
+
+
 def cmd_prepare(args):
     from .data import prepare
-    prepare(_block(args)["data"], args.out, downloads_dir=args.downloads)
+    data_cfg = _block(args)["data"]
+    prepare(data_cfg, args.out, archive=_archive_path(args, data_cfg))
 
 
 def cmd_fetch_weights(args):
@@ -318,9 +334,13 @@ def build_parser():
         p.set_defaults(func=func)
         return p
 
+    p = step("download", cmd_download, "fetch and verify a dataset's archive (data.source, data.checksum)")
+    p.add_argument("--out", help="where the archive goes; default data/downloads/DATASET/<archive name>")
+
     p = step("prepare", cmd_prepare, "prepare a dataset into data/{ds}/{train,test}.npz")
     p.add_argument("--out", required=True)
-    p.add_argument("--downloads", default="data/downloads")
+    p.add_argument("--archive", help="the downloaded archive (cifar100, tinyimagenet); "
+                                     "default data/downloads/DATASET/<archive name>")
 
     p = step("fetch-weights", cmd_fetch_weights, "fetch and verify a file of params.yaml's weights:", dataset=False)
     p.add_argument("--name", required=True)

@@ -8,7 +8,9 @@ from pathlib import Path
 import yaml
 
 # The sections of a dataset block each step reads (Snakemake `params:`, DVC `params:`).
+# A dotted key names one key of a section (a download depends on where from, not on the image size).
 STEP_PARAMS = {
+    "download_data": ["data.source", "data.checksum"],
     "prepare_data": ["data"],
     "reference_classifier": ["classifier"],
     "fid_stats": ["fid"],
@@ -24,7 +26,8 @@ STEP_PARAMS = {
 # The package modules each step runs (DVC `deps:`), so a code change reruns what it affects.
 _CORE = ["config.py", "io.py", "cli.py"]
 STEP_MODULES = {
-    "prepare_data": ["data.py", "weights.py"],
+    "download_data": ["data.py", "weights.py"],
+    "prepare_data": ["data.py"],
     "fetch_weights": ["weights.py"],
     "reference_classifier": ["fid.py", "convnet.py", "evaluate.py", "augment.py"],
     "fid_stats": ["fid.py"],
@@ -47,7 +50,7 @@ PLOTS = {"_diffusion_loss.csv": {"x": "step", "y": "loss"}, "_fid_curve.csv": {"
 
 
 def snakemake_jobs(workdir=".", configfiles=()):
-    """Every job of the full DAG (forceall) as dicts: rule, wildcards, shell, input, output, log."""
+    """Every job of the full DAG (forceall) as dicts: rule, wildcards, shell, input, output, log, local."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness,
                                           ResourceSettings)
@@ -76,6 +79,8 @@ def snakemake_jobs(workdir=".", configfiles=()):
                 "input": [str(f) for f in job.input],
                 "output": [str(f) for f in job.output],
                 "log": [str(f) for f in job.log],
+                # A local rule runs where Snakemake runs, never as a cluster job (the downloads).
+                "local": job.rule.name in workflow._localrules,
             })
     return sorted(jobs, key=lambda j: (j["rule"], sorted(j["wildcards"].items())))
 
@@ -91,6 +96,13 @@ def _dvc_command(shell):
     return " ".join(re.sub(r"\s--log\s+\S+", "", shell).split())
 
 
+def param_value(block, key):
+    """A dataset block's value for a STEP_PARAMS key: a section, or one key of it ("data.source")."""
+    for part in key.split("."):
+        block = (block or {}).get(part)
+    return block
+
+
 def dvc_stage(job, params):
     rule, ds = job["rule"], job["wildcards"].get("ds")
     stage = {"cmd": _dvc_command(job["shell"])}
@@ -99,7 +111,7 @@ def dvc_stage(job, params):
     stage["deps"] = deps
     keys = []
     if ds is not None and rule in STEP_PARAMS:
-        keys = [f"{ds}.{k}" for k in STEP_PARAMS[rule] if params[ds].get(k) is not None or k == "pretrained"]
+        keys = [f"{ds}.{k}" for k in STEP_PARAMS[rule] if param_value(params[ds], k) is not None or k == "pretrained"]
     if rule == "fetch_weights":
         name = next(k for k, v in params["weights"].items() if v["filename"] == job["wildcards"]["filename"])
         keys = [f"weights.{name}"]

@@ -23,11 +23,15 @@ def from_model_space(x):
 # preparing datasets
 #
 # Every kind returns two image sets {images, labels, classes}; ``prepare`` writes both files or neither.
+# cifar100 and tinyimagenet are read from their downloaded archive (``download``), the others need none.
 
 import io as _io
 import logging
+import pickle
 import sys
+import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from . import io as dio
@@ -125,70 +129,155 @@ def _digits(cfg):
     return _subset(full, tr), _subset(full, te)
 
 
+# --- downloads -----------------------------------------------------------------------------------
+#
+# A dataset with a public archive is fetched by its own step (`download`, Snakemake's download_data,
+# a local rule: it runs where Snakemake runs, which has internet) into data/downloads/{ds}/<name>;
+# `prepare` then only converts that archive. The name is fixed per kind so that the archive a user
+# downloads by hand has an obvious place.
+
+ARCHIVES = {"cifar100": "cifar-100-python.tar.gz", "tinyimagenet": TINY_ZIP}
+_LABEL = {"cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet"}
+
+
+def archive_name(data_cfg):
+    """The archive file a dataset kind is prepared from, or None (digits, folder: nothing to download)."""
+    return ARCHIVES.get(data_cfg.get("kind"))
+
+
+def download(data_cfg, dest, progress=True):
+    """Fetch ``data.source`` to ``dest`` and verify it against ``data.checksum`` (weights.fetch: atomic,
+    no partial file; offline, the message names the URL and where to place the file by hand)."""
+    kind, name = data_cfg.get("kind"), archive_name(data_cfg)
+    if name is None:
+        raise DataError(f"data.kind {kind!r} has nothing to download (only {', '.join(ARCHIVES)} do); "
+                        f"run the prepare step directly")
+    source = data_cfg.get("source")
+    if not source:
+        raise DataError(f"{_LABEL[kind]}: data.source is not set; set it in params.yaml to the URL or local path "
+                        f"of {name}")
+    try:
+        return weights.fetch(source, dest, checksum=data_cfg.get("checksum"), progress=progress)
+    except weights.FetchError as e:
+        raise DataError(f"{_LABEL[kind]}: {e}") from e
+
+
+def _need_archive(data_cfg, archive):
+    kind = data_cfg.get("kind")
+    if archive is None:
+        raise DataError(f"{_LABEL[kind]} is prepared from its archive {archive_name(data_cfg)}; give its path "
+                        f"(prepare --archive)")
+    archive = Path(archive)
+    if not archive.is_file():
+        where = f"download {data_cfg['source']} by hand and place it" if data_cfg.get("source") else \
+            f"place {archive_name(data_cfg)}"
+        raise DataError(f"{archive} does not exist. Run the download step first (Snakemake's download_data rule, "
+                        f"or python -m diffdistill download), or {where} at {archive}, then rerun.")
+    return archive
+
+
+def _discard_bad_archive(archive, what, data_cfg):
+    """An archive that cannot be read is deleted (with its trust-on-first-use record, if any), so the next
+    run downloads it again instead of failing on the same file."""
+    archive.unlink(missing_ok=True)
+    Path(str(archive) + ".sha256").unlink(missing_ok=True)
+    source = data_cfg.get("source") or archive_name(data_cfg)
+    return (f"{archive} is not a complete {what}; a truncated download? It was deleted. Rerun to download "
+            f"{source} again, or download it by hand and place it at {archive}.")
+
+
 # --- cifar100 ------------------------------------------------------------------------------------
 
+CIFAR_TOP = "cifar-100-python/"
 
-def _cifar100(cfg, downloads_dir, progress):
-    """torchvision's CIFAR100: its URL, its md5 of the archive and of each extracted file."""
-    from torchvision.datasets import CIFAR100
 
-    root = Path(downloads_dir)
-    archive = root / CIFAR100.filename
+class _ArrayUnpickler(pickle.Unpickler):
+    """The CIFAR pickles hold dicts, lists, strings and numpy arrays; nothing else may be built from them
+    (a pickle can name any callable, and a file under trust on first use is not vouched for)."""
 
-    def load(train):
-        return CIFAR100(root=str(root), train=train, download=True)
+    # _codecs.encode: how Python 3 writes bytes at protocol 2 (a re-packed archive's array buffers).
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR pickle never holds")
+
+
+def _cifar_pickle(tar, archive, member):
+    """One pickle of the archive, as torchvision reads it (latin1: the files were written by Python 2)."""
     try:
-        if not (root / CIFAR100.base_folder).is_dir():
-            # Our fetch first: atomic, resumable by hand, with a message saying where to put the file.
-            # torchvision then finds the archive with the right md5 and only extracts it.
-            weights.fetch(CIFAR100.url, archive, checksum="md5:" + CIFAR100.tgz_md5, progress=progress)
-        train, test = load(True), load(False)
-    except weights.FetchError as e:
-        raise DataError(f"CIFAR-100: {e}") from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        # A corrupt extraction or a bad archive: remove what is unusable so a rerun starts clean.
-        import shutil
+        info = tar.getmember(CIFAR_TOP + member)
+    except KeyError:
+        info = None
+    if info is None or not info.isfile():
+        raise DataError(f"{archive} has no {CIFAR_TOP}{member}; it is not the cifar-100-python layout. Download "
+                        f"the original cifar-100-python.tar.gz and place it at {archive}.")
+    try:
+        obj = _ArrayUnpickler(tar.extractfile(info), encoding="latin1").load()
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:  # EOFError: a short archive
+        raise DataError(f"{archive}: {CIFAR_TOP}{member} is not a CIFAR pickle ({e})") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{archive}: {CIFAR_TOP}{member} holds a {type(obj).__name__}, not a CIFAR dict")
+    return obj
 
-        shutil.rmtree(root / CIFAR100.base_folder, ignore_errors=True)
-        raise DataError(f"CIFAR-100 in {root} is corrupt or incomplete ({type(e).__name__}: {e}); the extracted "
-                        f"folder was removed. Delete {archive} too if it persists, or download {CIFAR100.url} by "
-                        f"hand and place it at {archive} (md5 {CIFAR100.tgz_md5}), then rerun.") from e
-    size = int(cfg.get("image_size", 32))
-    out = []
-    for ds in (train, test):
-        images = np.asarray(ds.data, dtype=np.uint8)
-        if images.shape[1] != size:
-            from PIL import Image
 
-            images = np.stack([_to_size(Image.fromarray(im), size) for im in images])
-        out.append(_image_set(images, ds.targets, ds.classes))
+def _cifar_split(obj, archive, member, n_classes):
+    images, labels = obj.get("data"), obj.get("fine_labels")
+    if not isinstance(images, np.ndarray) or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{archive}: {CIFAR_TOP}{member} has no 'data' array of shape [N, 3072] "
+                        f"(got {getattr(images, 'shape', type(images).__name__)})")
+    if labels is None or len(labels) != len(images):
+        raise DataError(f"{archive}: {CIFAR_TOP}{member} has {len(images)} images but "
+                        f"{'no' if labels is None else len(labels)} fine_labels")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise DataError(f"{archive}: {CIFAR_TOP}{member} has labels outside 0..{n_classes - 1} "
+                        f"(meta lists {n_classes} fine_label_names)")
+    # Rows are channel-major: 1024 red, 1024 green, 1024 blue values, each row by row.
+    hwc = images.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return hwc, labels
+
+
+def _read_cifar_tgz(archive, size, progress):
+    """cifar-100-python.tar.gz read in place: members train, test, meta (the python-pickle version)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        meta = _cifar_pickle(tar, archive, "meta")
+        classes = meta.get("fine_label_names")
+        if not classes:
+            raise DataError(f"{archive}: {CIFAR_TOP}meta has no fine_label_names")
+        out = []
+        for member in ("train", "test"):
+            images, labels = _cifar_split(_cifar_pickle(tar, archive, member), archive, member, len(classes))
+            if size != 32:
+                from PIL import Image
+
+                images = np.stack([_to_size(Image.fromarray(im), size)
+                                   for im in _progress(images, len(images), f"cifar100 {member}", progress)])
+            out.append(_image_set(images, labels, classes))
     return out[0], out[1]
+
+
+def _cifar100(cfg, archive, progress):
+    archive = _need_archive(cfg, archive)
+    try:
+        return _read_cifar_tgz(archive, int(cfg.get("image_size", 32)), progress)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(_discard_bad_archive(archive, f"tar.gz archive ({type(e).__name__}: {e})", cfg)) from e
 
 
 # --- tinyimagenet --------------------------------------------------------------------------------
 
 
-def _tinyimagenet(cfg, downloads_dir, progress):
+def _tinyimagenet(cfg, archive, progress):
     """The public tiny-imagenet-200.zip, read in place: train/<wnid>/images, val/ as the test split."""
-    source, checksum = cfg.get("source"), cfg.get("checksum")
-    if not source:
-        raise DataError("tinyimagenet: data.source is not set; give the URL or path of tiny-imagenet-200.zip")
-    archive = Path(downloads_dir) / TINY_ZIP
-    try:
-        weights.fetch(source, archive, checksum=checksum, progress=progress)
-    except weights.FetchError as e:
-        raise DataError(f"Tiny-ImageNet: {e}") from e
+    archive = _need_archive(cfg, archive)
     size = int(cfg.get("image_size", 64))
     try:
         return _read_tiny_zip(archive, size, progress)
     except zipfile.BadZipFile as e:
-        # Unusable: delete it (and a trust-on-first-use record of it) so the next run downloads again.
-        archive.unlink(missing_ok=True)
-        Path(str(archive) + ".sha256").unlink(missing_ok=True)
-        raise DataError(f"{archive} is not a complete zip archive ({e}); a truncated download? It was deleted. "
-                        f"Rerun to download {source} again, or download it by hand and place it at "
-                        f"{archive}.") from e
+        raise DataError(_discard_bad_archive(archive, f"zip archive ({e})", cfg)) from e
 
 
 def _read_tiny_zip(archive, size, progress):
@@ -298,23 +387,24 @@ def _folder(cfg, progress):
 # --- entry points --------------------------------------------------------------------------------
 
 
-def build(data_cfg, downloads_dir="data/downloads", progress=True):
-    """Return (train_set, test_set) for ``data_cfg`` without writing them."""
+def build(data_cfg, archive=None, progress=True):
+    """Return (train_set, test_set) for ``data_cfg`` without writing them; ``archive`` is the downloaded
+    file of the kinds that have one (``archive_name``)."""
     kind = data_cfg.get("kind")
     if kind == "digits":
         return _digits(data_cfg)
     if kind == "cifar100":
-        return _cifar100(data_cfg, downloads_dir, progress)
+        return _cifar100(data_cfg, archive, progress)
     if kind == "tinyimagenet":
-        return _tinyimagenet(data_cfg, downloads_dir, progress)
+        return _tinyimagenet(data_cfg, archive, progress)
     if kind == "folder":
         return _folder(data_cfg, progress)
     raise DataError(f"unknown data.kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
-def prepare(data_cfg, out_dir, downloads_dir="data/downloads", progress=True):
+def prepare(data_cfg, out_dir, archive=None, progress=True):
     """Write ``out_dir/train.npz`` and ``out_dir/test.npz``: both, or (on any error) neither."""
-    train, test = build(data_cfg, downloads_dir, progress)
+    train, test = build(data_cfg, archive, progress)
     out_dir = Path(out_dir)
     # Both files are written under temporary names; the renames happen only after both are complete.
     with dio.atomic_path(out_dir / "train.npz") as t_train, dio.atomic_path(out_dir / "test.npz") as t_test:
