@@ -69,7 +69,14 @@ def select_classifier_input(w):
 
 
 def gpus(ds, step):
+    """The GPUs a step's params ask for (`{ds}.{step}.gpus`)."""
     return int(config[ds][step].get("gpus", 0))
+
+
+def gpu_request(ds, step):
+    """The GPUs a step's job asks the scheduler for: none when `device: cpu` runs the GPU configuration
+    on CPUs on purpose (the rehearsal), else its params' count."""
+    return 0 if config.get("device") == "cpu" else gpus(ds, step)
 
 
 def seeds(ds):
@@ -246,7 +253,7 @@ def _work_seconds(step, w):
 def needed_minutes(step, w):
     """Estimated minutes of a GPU job at the measured throughputs, or None where there is no estimate
     (a CPU job, or a dataset without a `cluster.throughput` entry)."""
-    if step not in GPU_SECTION or gpus(w.ds, GPU_SECTION[step]) == 0 or _throughput(w.ds) is None:
+    if step not in GPU_SECTION or gpu_request(w.ds, GPU_SECTION[step]) == 0 or _throughput(w.ds) is None:
         return None
     work = _work_seconds(step, w)
     return None if work is None else work / 60.0
@@ -279,7 +286,7 @@ _warn_without_throughput()
 def gpu_job(step, runtime):
     """The resources of a step that may run on GPUs: its GPU count (params), Slurm time limit (derived;
     `runtime` for CPU jobs), and the partition and GPU model that go with its GPU count."""
-    count = lambda w: gpus(w.ds, GPU_SECTION[step])
+    count = lambda w: gpu_request(w.ds, GPU_SECTION[step])
     return {
         "gpu": count,
         "runtime": lambda w: requested_minutes(step, w, runtime),
