@@ -96,7 +96,7 @@ def dataset_targets(ds):
     return [
         f"results/{ds}/summary.json",
         f"results/{ds}/fid.json",
-        f"synthetic/{ds}/challenge.pt",
+        f"synthetic/{ds}/challenge/{ds}.pt",
     ] + sweep_targets(ds) + audit_targets(ds)
 
 

@@ -1,6 +1,7 @@
 # The challenge's protocol: a ConvNet trained on a set, tested on the real test split, per seed.
 # Three sets per seed: the synthetic (selected) set, the full real training split, and a random
-# real subset with the synthetic set's per-class counts.
+# real subset with the synthetic set's per-class counts. --state: a retried (preempted) job resumes
+# from checkpoints/{ds}/eval|sweep/…pt; not an output (it is deleted once the result is written).
 
 
 rule evaluate:
@@ -27,7 +28,8 @@ rule evaluate:
     shell:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} --train {input.train} {params.like} --test {input.test}"
-        " --out {output} --log {log}"
+        " --out {output} --state checkpoints/{wildcards.ds}/eval/{wildcards.set}_seed{wildcards.seed}.pt"
+        " --log {log}"
 
 
 rule summarize:
@@ -103,7 +105,8 @@ rule sweep_evaluate:
     shell:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} {params.source} --images-per-class {wildcards.n} --test {input.test}"
-        " --out {output} --log {log}"
+        " --out {output} --state checkpoints/{wildcards.ds}/sweep/{wildcards.set}_ipc{wildcards.n}_seed{wildcards.seed}.pt"
+        " --log {log}"
 
 
 rule sweep_summary:

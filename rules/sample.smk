@@ -52,7 +52,8 @@ rule export_challenge:
     input:
         "synthetic/{ds}/selected.npz",
     output:
-        "synthetic/{ds}/challenge.pt",
+        images="synthetic/{ds}/challenge/{ds}.pt",         # the name the challenge's evaluator loads
+        labels="synthetic/{ds}/challenge/{ds}_labels.pt",
     params:
         files=PARAMS_ARGS,
         values=step_values("export_challenge"),
@@ -66,4 +67,4 @@ rule export_challenge:
         runtime=30,
     shell:
         "python -m diffdistill export {params.files} --dataset {wildcards.ds}"
-        " --samples {input} --out {output} --log {log}"
+        " --samples {input} --out {output.images} --labels {output.labels} --log {log}"

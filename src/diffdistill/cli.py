@@ -208,13 +208,17 @@ def cmd_select(args):
 def cmd_export(args):
     from .evaluate import normalization
     from .io import load_npz
-    from .sample import export_challenge, export_pngs
+    from .sample import CHALLENGE_IPC, export_challenge, export_pngs
     block = _block(args)
     image_set = load_npz(args.samples)
     train = load_npz(Path("data") / args.dataset / "train.npz")
     mean, std = normalization(block["evaluate"], train["images"])
-    counts = [int((image_set["labels"] == k).sum()) for k in range(len(image_set["classes"]))]
-    export_challenge(image_set, mean, std, args.images_per_class or min(counts), args.out)
+    ipc = args.images_per_class or (block.get("export") or {}).get("images_per_class")
+    if args.dataset in CHALLENGE_IPC and ipc != CHALLENGE_IPC[args.dataset]:
+        log.warning("export: %s images per class, but the challenge's evaluator asserts %d per class for %s",
+                    ipc if ipc else "all (the smallest class count)", CHALLENGE_IPC[args.dataset], args.dataset)
+    images_path, labels_path = export_challenge(image_set, mean, std, ipc, args.out, labels_path=args.labels)
+    log.info("export: %s (images) and %s (labels)", images_path, labels_path)
     if args.png_dir:
         export_pngs(image_set, args.png_dir)
 
@@ -239,10 +243,14 @@ def cmd_evaluate(args):
     if like is not None:
         train_set = random_real_subset(train_set, like["labels"], seed=args.seed)
     result = evaluate_run(train_set, test_set, eval_cfg, seed=args.seed, device=device,
-                          name=args.set, mean=mean, std=std)
+                          name=args.set, mean=mean, std=std, state_path=args.state)
     if args.images_per_class:
         result["images_per_class"] = args.images_per_class
     save_json(args.out, result)
+    # The state only serves an interrupted run: once the result is written it goes, so a later
+    # rerun (e.g. after a code change) trains afresh and evaluate states do not pile up on disk.
+    if args.state and Path(args.state).exists():
+        Path(args.state).unlink()
     log.info("%s seed %d: accuracy %.4f on %d test images", args.set, args.seed, result["accuracy"],
              len(test_set["labels"]))
 
@@ -373,8 +381,10 @@ def build_parser():
 
     p = step("export", cmd_export, "write the challenge's submission tensor")
     p.add_argument("--samples", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--images-per-class", type=int, help="default: the smallest class count")
+    p.add_argument("--out", required=True, help="the images tensor, named as the evaluator loads it: .../{ds}.pt")
+    p.add_argument("--labels", help="the labels tensor (default: beside --out, {stem}_labels.pt)")
+    p.add_argument("--images-per-class", type=int,
+                   help="default: export.images_per_class in params.yaml; null there: the smallest class count")
     p.add_argument("--png-dir", help="also write {label}_{index}.png files here")
 
     p = step("evaluate", cmd_evaluate, "train the ConvNet on a set, test on the real test split")
@@ -385,6 +395,8 @@ def build_parser():
     p.add_argument("--images-per-class", type=int, help="use the balanced prefix of this size (sweep)")
     p.add_argument("--test", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--state", help="checkpoint file: resume from it, save to it every evaluate.checkpoint_every "
+                                   "epochs; deleted once --out is written")
 
     p = step("summarize", cmd_summarize, "mean ± std over seeds, baselines, distillation metrics")
     p.add_argument("--runs", nargs="+", required=True)

@@ -17,7 +17,7 @@ STEP_PARAMS = {
     "train_diffusion": ["model", "pretrained", "train"],
     "sample": ["model", "sample"],
     "select": ["select"],
-    "export_challenge": ["select", "evaluate"],
+    "export_challenge": ["select", "evaluate", "export"],
     "evaluate": ["evaluate"],
     "fid": ["fid"],
     "sweep_evaluate": ["evaluate", "sweep"],

@@ -2,20 +2,34 @@
 
 A ConvNet (``convnet.ConvNet``, depth 3, width 128) is trained from scratch only on a training set S
 (the synthetic set, a subset of it, the full real training split, or a random real subset of the
-same size) and tested on the whole real test split at the last epoch:
+same size) and tested on the whole real test split at the last epoch. The loop is the challenge's
+``evaluate_synset`` (DC/DSA ``utils.py``), step for step:
 
 - SGD, lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, cross-entropy;
-- ``epochs`` epochs (1000 in the challenge; params.yaml sets it per dataset), the lr multiplied by
-  0.1 exactly once, at epoch ``epochs // 2`` (``eval_cfg["variant"] == "short100"``: the 100-epoch
-  variant some Track 2 teams used, same recipe with 100 epochs);
+- ``for ep in range(Epoch + 1)``: ``Epoch + 1`` epochs (1,001 for the challenge's Epoch = 1000).
+  ``Epoch`` is ``evaluate.epochs`` in params.yaml (``eval_cfg["variant"] == "short100"``: Epoch =
+  100, the 100-epoch variant some Track 2 teams used, i.e. 101 epochs);
+- after epoch index ``Epoch // 2 + 1`` has been trained, the lr is multiplied by 0.1 by creating a
+  NEW SGD optimizer: the momentum buffers restart from zero (a scheduler would keep them);
 - DSA ``color_crop_cutout_flip_scale_rotate`` on every batch (``augment.dsa``), after normalisation;
 - inputs normalised per channel with the dataset's mean/std (``normalization``).
 
 Determinism: the weights are initialised under ``torch.manual_seed(seed)`` (in a forked RNG, the
 caller's global state is untouched), and shuffling and augmentation draw from their own
 ``torch.Generator``s seeded from ``seed``: same seed, same machine, CPU -> same accuracy.
+
+Checkpoint and resume: with a ``state_path``, ``train_classifier`` saves every
+``evaluate.checkpoint_every`` epochs everything the continuation depends on (model, optimizer with
+its momentum, epoch, optimizer phase before/after the drop, both generators' states, history) and a
+rerun continues from it, bit-identical on CPU to an uninterrupted run. The state carries a hash of
+what defines the run (``run_hash``); a state from another run is ignored (logged), never resumed.
 """
+import hashlib
+import io as _io
+import json
+import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +38,9 @@ from tqdm import tqdm
 
 from .augment import DEFAULT_STRATEGY, dsa
 from .convnet import ConvNet
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
 
 SET_NAMES = ("synthetic", "full_real", "random_real")
 VARIANTS = {None: None, "full": None, "short100": 100}
@@ -109,6 +126,8 @@ def _num_classes(train_set, test_set=None):
 
 
 def _epochs(eval_cfg):
+    """The challenge's ``Epoch`` (``evaluate.epochs``, or 100 for the short100 variant); the run
+    trains ``Epoch + 1`` epochs (``schedule``)."""
     variant = eval_cfg.get("variant")
     if variant not in VARIANTS:
         raise ValueError(f"evaluate: unknown variant {variant!r}; use one of "
@@ -138,13 +157,110 @@ def build_model(eval_cfg, in_channels, num_classes, image_size):
                    depth=eval_cfg.get("depth", 3), width=eval_cfg.get("width", 128))
 
 
+def schedule(eval_cfg):
+    """``(epochs_run, drop_after)``: the challenge's ``Epoch + 1`` and ``Epoch // 2 + 1``.
+
+    Epochs ``0 … drop_after`` run at lr, epochs ``drop_after + 1 … Epoch`` at lr·0.1 with a fresh
+    optimizer. For Epoch = 1 the drop falls after the last epoch and never takes effect, as in the
+    challenge's code.
+    """
+    epoch = _epochs(eval_cfg)
+    return epoch + 1, epoch // 2 + 1
+
+
+def _settings(eval_cfg):
+    """The resolved training settings (defaults filled in): what, with seed/data/normalisation,
+    defines a run. ``checkpoint_every`` and ``seeds`` are not in it: they do not change the result."""
+    return {"depth": int(eval_cfg.get("depth", 3)), "width": int(eval_cfg.get("width", 128)),
+            "epoch": _epochs(eval_cfg), "batch_size": int(eval_cfg.get("batch_size", 256)),
+            "lr": float(eval_cfg.get("lr", 0.01)), "momentum": float(eval_cfg.get("momentum", 0.9)),
+            "weight_decay": float(eval_cfg.get("weight_decay", 5e-4)),
+            "dsa": bool(eval_cfg.get("dsa", True)), "dsa_strategy": eval_cfg.get("dsa_strategy", DEFAULT_STRATEGY)}
+
+
+def _checkpoint_every(eval_cfg):
+    every = eval_cfg.get("checkpoint_every")
+    if every is None:
+        return 0
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"evaluate: checkpoint_every must be a whole number of epochs >= 0 (0 or null: "
+                         f"never), got {every!r}; fix evaluate.checkpoint_every in params.yaml.")
+    return every
+
+
+_CODE_MODULES = ("evaluate.py", "augment.py", "convnet.py")
+
+
+def _code_fingerprint():
+    # A state written by other training code would continue a different computation: the source of
+    # the modules that make up the loop is part of the run's identity.
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in _CODE_MODULES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def run_hash(eval_cfg, seed, images, labels, mean, std, num_classes):
+    """Identity of an evaluation run, for resuming: resolved settings (``_settings``), seed, number
+    of classes, normalisation, the training images and labels, and the training code."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256()
+    h.update(str((tuple(images.shape), str(images.dtype))).encode())
+    h.update(images.data)
+    h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).data)
+    blob = json.dumps({"settings": _settings(eval_cfg), "seed": int(seed), "num_classes": int(num_classes),
+                       "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                       "data": h.hexdigest(), "code": _code_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_state(path, state):
+    # Serialise in memory first (a failure while pickling leaves nothing on disk), then write under
+    # a temporary name and rename: a kill mid-write never leaves a truncated state.
+    buf = _io.BytesIO()
+    torch.save(state, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _load_state(path, want_hash, epochs_run, drop_after):
+    """``(state, None)`` when ``path`` holds a state of this run; ``(None, why)`` otherwise
+    (``why`` is None when there is no file)."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable state is started over, never trusted
+        return None, f"it could not be read ({type(exc).__name__}: {exc})"
+    if not isinstance(state, dict) or state.get("run_hash") != want_hash:
+        got = state.get("run_hash") if isinstance(state, dict) else None
+        return None, (f"it belongs to another run (other evaluate settings, seed, training data, "
+                      f"normalisation or code: hash {got} != {want_hash})")
+    if not 0 <= int(state.get("epoch", -1)) <= epochs_run:
+        return None, f"its epoch {state.get('epoch')} is outside 0..{epochs_run}"
+    if state.get("phase") != int(state["epoch"] > drop_after):
+        # The optimizer phase follows from the epoch; a mismatch means the file is not what it says.
+        return None, f"its optimizer phase {state.get('phase')} does not fit epoch {state['epoch']}"
+    return state, None
+
+
 def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num_classes=None,
-                     mean=None, std=None):
-    """Train the evaluation ConvNet on ``train_set`` with the challenge's recipe.
+                     mean=None, std=None, state_path=None, stop_after=None):
+    """Train the evaluation ConvNet on ``train_set`` with the challenge's recipe (module docstring).
+
+    ``state_path``: resume from this file when it holds a state of the same run (``run_hash``), and
+    save to it every ``eval_cfg["checkpoint_every"]`` epochs and after the last one (0/None: only
+    resume). The caller deletes it once the result is safely written (``cmd_evaluate`` does).
+    ``stop_after=n``: return after this call has trained n epochs, with the state saved, as if the
+    job had been killed there (for tests).
 
     Returns ``(model, history)``; history has per-epoch ``loss`` (mean over images), ``train_acc``
-    (on the augmented batches), ``lr`` (the lr used during that epoch), plus ``epochs``,
-    ``seconds`` (training wall time), ``images_per_second`` (training images processed per second).
+    (on the augmented batches), ``lr`` (the lr used during that epoch), plus ``epochs`` (epochs
+    trained in all: Epoch + 1), ``challenge_epoch`` (Epoch), ``lr_drop_after_epoch``,
+    ``resumed_from_epoch`` (0 for a fresh run), ``stopped_early``, ``seconds`` (training wall time,
+    summed over resumed parts), ``images_per_second`` (training images processed per second).
     """
     device = torch.device(device)
     num_classes = num_classes or _num_classes(train_set)
@@ -157,45 +273,70 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
     if len(mean) != images.shape[3]:
         raise ValueError(f"evaluate: mean/std have {len(mean)} values but the images have "
                          f"{images.shape[3]} channels; fix evaluate.mean/std in params.yaml.")
-    epochs = _epochs(eval_cfg)
-    batch_size = int(eval_cfg.get("batch_size", 256))
-    use_dsa = bool(eval_cfg.get("dsa", True))
-    strategy = eval_cfg.get("dsa_strategy", DEFAULT_STRATEGY)
+    s = _settings(eval_cfg)
+    epochs_run, drop_after = schedule(eval_cfg)
+    every = _checkpoint_every(eval_cfg)
 
     # Weights from the seed without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(eval_cfg, images.shape[3], num_classes, images.shape[1])
     model = model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(eval_cfg.get("lr", 0.01)),
-                                momentum=float(eval_cfg.get("momentum", 0.9)),
-                                weight_decay=float(eval_cfg.get("weight_decay", 5e-4)))
-    # One drop, at the half: epochs [0, epochs//2) at lr, [epochs//2, epochs) at lr·0.1.
-    # A 1-epoch run has no second half and keeps lr.
-    milestones = [epochs // 2] if epochs >= 2 else []
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
+    def new_optimizer(lr):
+        # A fresh SGD each phase, as the challenge's loop: no momentum carried across the drop.
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=s["momentum"], weight_decay=s["weight_decay"])
+
+    lr0 = s["lr"]
+    phase = 0                                                  # 0 before the drop, 1 after
+    optimizer = new_optimizer(lr0)
     # Separate streams: the same seed gives the same order and the same augmentations.
     shuffle_gen = torch.Generator().manual_seed(2 * seed)
     aug_gen = torch.Generator().manual_seed(2 * seed + 1)
+    history = {"loss": [], "train_acc": [], "lr": []}
+    start, seconds_before = 0, 0.0
+
+    want_hash = run_hash(eval_cfg, seed, images, labels, mean, std, num_classes) if state_path else None
+    if state_path:
+        state, why = _load_state(state_path, want_hash, epochs_run, drop_after)
+        if why:
+            log.info("evaluate: not resuming from %s: %s; training from epoch 0", state_path, why)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            phase = int(state["phase"])
+            optimizer = new_optimizer(lr0 * 0.1 if phase else lr0)
+            optimizer.load_state_dict(state["optimizer"])     # lr and momentum buffers as saved
+            shuffle_gen.set_state(state["shuffle_rng"])
+            aug_gen.set_state(state["aug_rng"])
+            history = {k: list(state["history"][k]) for k in ("loss", "train_acc", "lr")}
+            start, seconds_before = int(state["epoch"]), float(state["seconds"])
+            log.info("evaluate: resuming from %s at epoch %d of %d", state_path, start, epochs_run)
+
     x_all = torch.as_tensor(images).to(device)               # uint8 on the device
     y_all = torch.as_tensor(labels).to(device)
     norm = _Normalize(mean, std, device)
     n = x_all.shape[0]
+    t0 = time.perf_counter()
 
-    history = {"loss": [], "train_acc": [], "lr": []}
+    def save(done):
+        _save_state(state_path, {
+            "run_hash": want_hash, "epoch": done, "phase": phase, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
+            "aug_rng": aug_gen.get_state(), "history": history,
+            "seconds": seconds_before + time.perf_counter() - t0})
+
     model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="evaluate", unit="epoch", disable=not progress, leave=False)
-    for _ in bar:
+    stopped = False
+    bar = tqdm(total=epochs_run, initial=start, desc="evaluate", unit="epoch", disable=not progress, leave=False)
+    for ep in range(start, epochs_run):
         lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=shuffle_gen).to(device)
         loss_sum, correct = 0.0, 0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
+        for i in range(0, n, s["batch_size"]):
+            idx = order[i:i + s["batch_size"]]
             x, y = norm(x_all[idx]), y_all[idx]
-            if use_dsa:
-                x = dsa(x, aug_gen, strategy=strategy)
+            if s["dsa"]:
+                x = dsa(x, aug_gen, strategy=s["dsa_strategy"])
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -203,14 +344,26 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
             optimizer.step()
             loss_sum += loss.item() * y.shape[0]
             correct += int((logits.argmax(1) == y).sum())
-        scheduler.step()
         history["loss"].append(loss_sum / n)
         history["train_acc"].append(correct / n)
         history["lr"].append(lr)
+        if ep == drop_after:                                  # the challenge: `if ep in lr_schedule`
+            phase = 1
+            optimizer = new_optimizer(lr * 0.1)               # `lr *= 0.1`, then a new SGD
+        done = ep + 1
+        bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", lr=f"{lr:.0e}")
-    seconds = time.perf_counter() - start
-    history.update(epochs=epochs, seconds=seconds,
-                   images_per_second=n * epochs / seconds if seconds > 0 else float("inf"))
+        stopped = stop_after is not None and done - start >= stop_after and done < epochs_run
+        if state_path and (stopped or (every and (done % every == 0 or done == epochs_run))):
+            save(done)
+        if stopped:
+            break
+    bar.close()
+    seconds = seconds_before + time.perf_counter() - t0
+    trained = len(history["loss"])
+    history.update(epochs=epochs_run, challenge_epoch=s["epoch"], lr_drop_after_epoch=drop_after,
+                   resumed_from_epoch=start, stopped_early=stopped, seconds=seconds,
+                   images_per_second=n * trained / seconds if seconds > 0 else float("inf"))
     return model, history
 
 
@@ -228,22 +381,26 @@ def predict(model, images, mean, std, device="cpu", batch_size=1024):
 
 
 def evaluate_run(train_set, test_set, eval_cfg, seed, device="cpu", progress=True, name=None,
-                 mean=None, std=None):
+                 mean=None, std=None, state_path=None):
     """One evaluation run: train on ``train_set`` (seed), test on the whole ``test_set``.
 
     ``mean``/``std``: the normalisation; when None, ``normalization(eval_cfg, train_set["images"])``
     — for synthetic and random-real runs pass the real training split's values instead.
+    ``state_path``: checkpoint/resume file of the training (``train_classifier``); it is left in
+    place, the caller deletes it after writing the result.
     Returns a JSON-ready dict: name, seed, accuracy, per_class_accuracy (None for a class absent
-    from the test set), n_train, per_class_train_counts, epochs, loss_curve, lr_curve, seconds
-    (training), images_per_second (training), test_seconds.
+    from the test set), n_train, per_class_train_counts, epochs (trained: Epoch + 1),
+    challenge_epoch (Epoch), lr_drop_after_epoch, resumed_from_epoch, loss_curve, train_acc_curve,
+    lr_curve, seconds (training), images_per_second (training), test_seconds.
     """
     num_classes = _num_classes(train_set, test_set)
     check_compatible(train_set, test_set, num_classes)
     _epochs(eval_cfg)                                          # bad variant/epochs: fail before training
+    _checkpoint_every(eval_cfg)
     if mean is None or std is None:
         mean, std = normalization(eval_cfg, train_set["images"])
     model, history = train_classifier(train_set, eval_cfg, seed, device=device, progress=progress,
-                                      num_classes=num_classes, mean=mean, std=std)
+                                      num_classes=num_classes, mean=mean, std=std, state_path=state_path)
     t0 = time.perf_counter()
     test_labels = np.asarray(test_set["labels"]).astype(np.int64)
     pred = predict(model, test_set["images"], mean, std, device=device)
@@ -260,7 +417,11 @@ def evaluate_run(train_set, test_set, eval_cfg, seed, device="cpu", progress=Tru
         "per_class_train_counts": np.bincount(np.asarray(train_set["labels"]),
                                               minlength=num_classes).astype(int).tolist(),
         "epochs": history["epochs"],
+        "challenge_epoch": history["challenge_epoch"],
+        "lr_drop_after_epoch": history["lr_drop_after_epoch"],
+        "resumed_from_epoch": history["resumed_from_epoch"],
         "loss_curve": [float(v) for v in history["loss"]],
+        "train_acc_curve": [float(v) for v in history["train_acc"]],
         "lr_curve": [float(v) for v in history["lr"]],
         "seconds": float(history["seconds"]),
         "images_per_second": float(history["images_per_second"]),
