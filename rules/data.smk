@@ -22,7 +22,7 @@ rule download_data:
         mem_mb=1000,
         runtime=120,
     shell:
-        "python -m diffdistill download {params.files} --dataset {wildcards.ds} --out {output} --log {log}"
+        "python -m diffdistill download {params.files} --dataset {wildcards.ds} --out {output} --log-file {log}"
 
 
 rule prepare_data:
@@ -47,7 +47,7 @@ rule prepare_data:
         runtime=60,
     shell:
         "python -m diffdistill prepare {params.files} --dataset {wildcards.ds} {params.archive}"
-        " --out data/{wildcards.ds} --log {log}"
+        " --out data/{wildcards.ds} --log-file {log}"
 
 
 # A ConvNet trained on the real training split: its features give fid_convnet, the feature space of
@@ -72,7 +72,7 @@ rule reference_classifier:
         **gpu_job("reference_classifier", runtime=240),
     shell:
         "python -m diffdistill classifier {params.files} --dataset {wildcards.ds}"
-        " --train {input} --out {output} --log {log}"
+        " --train {input} --out {output} --log-file {log}"
 
 
 rule fid_stats:
@@ -98,4 +98,4 @@ rule fid_stats:
         **gpu_job("fid_stats", runtime=120),
     shell:
         "python -m diffdistill fid-stats {params.files} --dataset {wildcards.ds}"
-        " --train {input.train} {params.classifier} --out {output} --log {log}"
+        " --train {input.train} {params.classifier} --out {output} --log-file {log}"

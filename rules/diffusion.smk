@@ -29,4 +29,4 @@ rule train_diffusion:
         **gpu_job("train_diffusion", runtime=2880),
     shell:
         "{params.launcher} train {params.files} --dataset {wildcards.ds}"
-        " --data data/{wildcards.ds} --fid-stats {input.fid_stats} --out checkpoints/{wildcards.ds} --log {log}"
+        " --data data/{wildcards.ds} --fid-stats {input.fid_stats} --out checkpoints/{wildcards.ds} --log-file {log}"

@@ -29,7 +29,7 @@ rule evaluate:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} --train {input.train} {params.like} --test {input.test}"
         " --out {output} --state checkpoints/{wildcards.ds}/eval/{wildcards.set}_seed{wildcards.seed}.pt"
-        " --log {log}"
+        " --log-file {log}"
 
 
 rule summarize:
@@ -51,7 +51,7 @@ rule summarize:
         runtime=10,
     shell:
         "python -m diffdistill summarize {params.files} --dataset {wildcards.ds} --runs {input}"
-        " --out {output.summary} --table {output.table} --log {log}"
+        " --out {output.summary} --table {output.table} --log-file {log}"
 
 
 rule fid:
@@ -75,7 +75,7 @@ rule fid:
         **gpu_job("fid", runtime=120),
     shell:
         "python -m diffdistill fid {params.files} --dataset {wildcards.ds} --samples {input.samples}"
-        " --stats {input.stats} --out {output} --log {log}"
+        " --stats {input.stats} --out {output} --log-file {log}"
 
 
 # Beyond the paper: accuracy against images per class. Sampling ran once at the largest size;
@@ -106,7 +106,7 @@ rule sweep_evaluate:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} {params.source} --images-per-class {wildcards.n} --test {input.test}"
         " --out {output} --state checkpoints/{wildcards.ds}/sweep/{wildcards.set}_ipc{wildcards.n}_seed{wildcards.seed}.pt"
-        " --log {log}"
+        " --log-file {log}"
 
 
 rule sweep_summary:
@@ -131,7 +131,7 @@ rule sweep_summary:
         runtime=10,
     shell:
         "python -m diffdistill sweep {params.files} --dataset {wildcards.ds} --manifest {input.manifest}"
-        " --runs {input.runs} --out {output.summary} --figure {output.figure} --log {log}"
+        " --runs {input.runs} --out {output.summary} --figure {output.figure} --log-file {log}"
 
 
 rule audit:
@@ -159,4 +159,4 @@ rule audit:
     shell:
         "python -m diffdistill audit {params.files} --dataset {wildcards.ds} --samples {input.samples}"
         " --train {input.train} --test {input.test} --classifier {input.classifier} --out {output.summary}"
-        " --hist {output.hist} --pairs {output.pairs} --log {log}"
+        " --hist {output.hist} --pairs {output.pairs} --log-file {log}"

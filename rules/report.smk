@@ -32,4 +32,4 @@ rule report:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m diffdistill report {params.files} --datasets {params.datasets} --out results --log {log}"
+        "python -m diffdistill report {params.files} --datasets {params.datasets} --out results --log-file {log}"

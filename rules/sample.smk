@@ -22,7 +22,7 @@ rule sample:
         **gpu_job("sample", runtime=60),
     shell:
         "python -m diffdistill sample {params.files} --dataset {wildcards.ds}"
-        " --checkpoint {input.ema} --out synthetic/{wildcards.ds} --log {log}"
+        " --checkpoint {input.ema} --out synthetic/{wildcards.ds} --log-file {log}"
 
 
 rule select:
@@ -45,7 +45,7 @@ rule select:
         runtime=60,
     shell:
         "python -m diffdistill select {params.files} --dataset {wildcards.ds}"
-        " --samples {input.samples} {params.classifier} --out {output} --log {log}"
+        " --samples {input.samples} {params.classifier} --out {output} --log-file {log}"
 
 
 rule export_challenge:
@@ -67,4 +67,4 @@ rule export_challenge:
         runtime=30,
     shell:
         "python -m diffdistill export {params.files} --dataset {wildcards.ds}"
-        " --samples {input} --out {output.images} --labels {output.labels} --log {log}"
+        " --samples {input} --out {output.images} --labels {output.labels} --log-file {log}"

@@ -20,4 +20,4 @@ rule fetch_weights:
         mem_mb=2000,
         runtime=60,
     shell:
-        "python -m diffdistill fetch-weights {params.files} --name {params.name} --out {output} --log {log}"
+        "python -m diffdistill fetch-weights {params.files} --name {params.name} --out {output} --log-file {log}"

@@ -46,7 +46,7 @@ def test_train_finetunes_from_a_released_layout_checkpoint(work):
     (tmp_path / "weights").mkdir()
     src = released_unconditional(TINY_MODEL, tmp_path / "weights" / "tiny_released.pth")
     rc = cli.main(["train", *params, "--dataset", "digits", "--data", "data/digits", "--out", "ckpt",
-                   "--log", "logs/train.log", "--device", "cpu"])
+                   "--log-file", "logs/train.log", "--device", "cpu"])
     assert rc == 0, (tmp_path / "logs/train.log").read_text()
     ema = torch.load(tmp_path / "ckpt" / "ema.pt", weights_only=True)
     # EMA 0.9999 over two updates moves a weight by ~1e-7: the EMA still shows where training started.
@@ -66,7 +66,7 @@ def test_a_checkpoint_of_another_architecture_fails_clearly(work, capsys):
     (tmp_path / "weights").mkdir()
     released_unconditional(dict(TINY_MODEL, embed_dim=48, num_heads=4), tmp_path / "weights" / "tiny_released.pth")
     rc = cli.main(["train", *params, "--dataset", "digits", "--data", "data/digits", "--out", "ckpt",
-                   "--log", "logs/train.log", "--device", "cpu"])
+                   "--log-file", "logs/train.log", "--device", "cpu"])
     assert rc == 1
     text = (tmp_path / "logs/train.log").read_text()
     assert "Traceback" in text and "cannot initialise this model" in text and "patch_embed.proj.weight" in text
@@ -83,7 +83,7 @@ def test_an_unexpected_error_keeps_its_traceback(work, capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "cmd_train", broken)
     args = ["train", *params, "--dataset", "digits", "--data", "data/digits", "--out", "ckpt"]
-    assert cli.main(args + ["--log", "logs/train.log"]) == 1
+    assert cli.main(args + ["--log-file", "logs/train.log"]) == 1
     text = (tmp_path / "logs/train.log").read_text()
     assert "Traceback" in text and "TypeError: 'PosixPath' object is not iterable" in text
     console = capsys.readouterr().err

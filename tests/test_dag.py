@@ -16,7 +16,7 @@ def test_every_snakemake_job_is_a_dvc_stage_with_the_same_command_and_outputs():
     assert len(stages) == len(jobs) > 20
     by_cmd = {s["cmd"]: s for s in stages.values()}
     for job in jobs:
-        cmd = " ".join(job["shell"].replace(f" --log {job['log'][0]}", "").split())
+        cmd = " ".join(job["shell"].replace(f" --log-file {job['log'][0]}", "").split())
         stage = by_cmd[cmd]  # the same command, less Snakemake's log file
         outs = [next(iter(o)) if isinstance(o, dict) else o
                 for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]

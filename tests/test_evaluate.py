@@ -277,7 +277,7 @@ def test_cli_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     cmd = [sys.executable, "-m", "diffdistill"] + args + ["--out", str(out), "--state", str(state)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(E.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd + ["--log", str(tmp_path / "first.log")], cwd=tmp_path, env=env,
+    proc = subprocess.Popen(cmd + ["--log-file", str(tmp_path / "first.log")], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not state.exists() and proc.poll() is None and time.time() < deadline:
@@ -288,7 +288,7 @@ def test_cli_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     killed_at = torch.load(state, weights_only=True)["epoch"]
     assert 2 <= killed_at < 31
 
-    again = subprocess.run(cmd + ["--log", str(tmp_path / "second.log")], cwd=tmp_path, env=env,
+    again = subprocess.run(cmd + ["--log-file", str(tmp_path / "second.log")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in (tmp_path / "second.log").read_text()

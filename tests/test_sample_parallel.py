@@ -141,7 +141,7 @@ def test_cli_samples_on_two_devices(checkpoint, tmp_path):
         out = tmp_path / devices.replace(",", "_")
         subprocess.run([sys.executable, "-m", "diffdistill", "sample", "--params", str(ROOT / "params.yaml"),
                         "--params", "override.yaml", "--dataset", "digits", "--checkpoint", str(checkpoint),
-                        "--out", str(out), "--devices", devices, "--log", "sample.log"],
+                        "--out", str(out), "--devices", devices, "--log-file", "sample.log"],
                        cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
         outs[devices] = (load_npz(out / "samples.npz"), json.loads((out / "manifest.json").read_text()))
     (one, m1), (two, m2) = outs["cpu"], outs["cpu,cpu"]

@@ -1,7 +1,8 @@
 """`python -m diffdistill <step>`: one subcommand per pipeline step (each Snakemake rule is one call).
 
 Every step takes `--params` (params.yaml, then override files; later ones win), `--dataset` where it
-works on one, explicit input and output paths, and `--log` (a copy of its log lines).
+works on one, explicit input and output paths, and `--log-file` (a copy of its log lines; not `--log`,
+which torchrun would take as an abbreviation of its own `--log-dir`).
 """
 import argparse
 import logging
@@ -31,7 +32,7 @@ class _WithoutTraceback(logging.Formatter):
 
 
 def _setup_logging(log_path):
-    """Log lines to the console and, with --log, to that file; returns the log file's path or None.
+    """Log lines to the console and, with --log-file, to that file; returns the log file's path or None.
     Under torchrun every process but rank 0 writes beside it (``LOG.rank1`` …)."""
     console = logging.StreamHandler(sys.stderr)
     handlers, path = [console], None
@@ -332,7 +333,7 @@ def build_parser():
     def step(name, func, help, dataset=True):
         p = sub.add_parser(name, help=help)
         p.add_argument("--params", action="append", help="params.yaml, then override files (repeatable)")
-        p.add_argument("--log", help="also write the log to this file")
+        p.add_argument("--log-file", dest="log", help="also write the log (and any traceback) to this file")
         p.add_argument("--device", default="auto",
                        help="auto | cpu | cuda | cuda:N; beats params' `device:`. auto: CUDA when there is one; "
                             "without one a step whose params ask for a GPU (gpus > 0, bf16/fp16) stops "

@@ -93,7 +93,7 @@ def stage_name(job):
 def _dvc_command(shell):
     # Logs are Snakemake's business; DVC stages print to the terminal.
     import re
-    return " ".join(re.sub(r"\s--log\s+\S+", "", shell).split())
+    return " ".join(re.sub(r"\s--log-file\s+\S+", "", shell).split())
 
 
 def param_value(block, key):
