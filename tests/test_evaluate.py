@@ -135,6 +135,15 @@ def test_random_real_subset_matches_per_class_counts():
         E.random_real_subset(real, np.array([2] * 30), seed=0)
 
 
+def test_random_real_subset_capped_at_the_real_split():
+    # A paper run samples more images per class than the real split has: the baseline takes them all.
+    real = squares(n_per_class=20)
+    capped = E.random_real_subset(real, np.array([2] * 30 + [0] * 5), seed=0, cap=True)
+    assert np.bincount(capped["labels"], minlength=4).tolist() == [5, 0, 20, 0]
+    class2 = np.sort(real["images"][real["labels"] == 2].reshape(20, -1), axis=0)
+    assert np.array_equal(np.sort(capped["images"][capped["labels"] == 2].reshape(20, -1), axis=0), class2)
+
+
 def test_summarize_arithmetic():
     def run(name, seed, acc, n, pc):
         return {"name": name, "seed": seed, "accuracy": acc, "n_train": n, "epochs": 10,

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 import rehearsal
+from conftest import needs_slurm
 from diffdistill.config import deep_update
 from diffdistill.uvit import UViT, count_parameters
 
@@ -174,3 +175,55 @@ def test_a_download_that_answers_404_stops_clearly(tmp_path):
     assert "404" in text and "cifar-100-python.tar.gz" in text and "place it at" in text
     leftovers = [p for p in (tmp_path / "data").rglob("*") if p.is_file()] if (tmp_path / "data").exists() else []
     assert leftovers == []
+
+
+# --- the other two routes ----------------------------------------------------------------------------
+
+def ran_stages(output):
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_dvc_repro_runs_the_cifar100_chain(tmp_path):
+    """The CIFAR-100 chain as DVC stages: download, conversion, weights, reference classifier, FID
+    statistics, finetuning under torchrun, sampling, selection."""
+    proc = rehearsal.run(tmp_path, ["select_cifar100"], dvc=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    print(f"dvc repro of the CIFAR-100 chain: {proc.seconds:.0f} s")
+    expected = {"download_data_cifar100_cifar-100-python_tar_gz", "prepare_data_cifar100",
+                "fetch_weights_cifar10_uvit_small_pth", "fetch_weights_pt_inception-2015-12-05-6726825d_pth",
+                "reference_classifier_cifar100", "fid_stats_cifar100", "train_diffusion_cifar100",
+                "sample_cifar100", "select_cifar100"}
+    assert ran_stages(out) == expected, sorted(ran_stages(out))
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert expected <= set(lock)
+    assert "torchrun --standalone --nproc_per_node 2" in lock["train_diffusion_cifar100"]["cmd"]
+    summary = json.loads((tmp_path / "checkpoints/cifar100/train.json").read_text())
+    assert summary["world_size"] == 2 and summary["init"]["fresh"] >= 1
+    again = rehearsal.run(tmp_path, ["select_cifar100"], dvc=True)
+    assert again.returncode == 0 and ran_stages(again.stdout + again.stderr) == set()
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_slurm_runs_the_tinyimagenet_chain(tmp_path, slurm_env):
+    """The Tiny-ImageNet chain through `--profile` on a real Slurm: downloads and weights as local
+    rules (they never become Slurm jobs), the M/4 finetuning under torchrun inside a Slurm job."""
+    profile = rehearsal.REPO / "tests" / "slurm" / "profile"
+    proc = rehearsal.run(tmp_path, ["--profile", str(profile), "synthetic/tinyimagenet/samples.npz"],
+                         env=dict(slurm_env, PYTHONPATH=str(tmp_path / "src")), timeout=1500)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    print(f"Slurm run of the Tiny-ImageNet chain: {proc.seconds:.0f} s")
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S+/slurm_logs/rule_(\w+)/", out)
+    rules = sorted(rule for _, rule in submitted)
+    assert rules == sorted(["prepare_data", "reference_classifier", "fid_stats", "train_diffusion", "sample"]), rules
+    local = set(re.findall(r"^localrule (\w+):", out, re.M))
+    assert local >= {"download_data", "fetch_weights"}, local
+    squeue = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%i|%T"], env=slurm_env,
+                            capture_output=True, text=True, check=True).stdout
+    states = dict(line.split("|") for line in squeue.split())
+    assert all(states.get(job) == "COMPLETED" for job, _ in submitted), (submitted, states)
+    summary = json.loads((tmp_path / "checkpoints/tinyimagenet/train.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert (tmp_path / "data/downloads/tinyimagenet/tiny-imagenet-200.zip").exists()

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import needs_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-HARNESS = ROOT / "tests" / "slurm" / "harness.sh"
 TEST_PROFILE = ROOT / "tests" / "slurm" / "profile"
 TINY = ROOT / "tests" / "tiny_params.yaml"
 OVERLAY = ROOT / "tests" / "slurm" / "tiny_overlay.yaml"
@@ -32,16 +31,6 @@ RUN_TIMEOUT = 900
 LOCAL_TARGETS = ["checkpoints/digits/ema.pt", "results/digits/summary.json"]
 
 
-def _missing_slurm():
-    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch", "squeue") if shutil.which(c) is None]
-    if missing:
-        return f"Slurm not installed ({', '.join(missing)} missing): apt-get install -y slurm-wlm munge"
-    if os.geteuid() != 0:
-        return "the single-node Slurm harness runs slurmd, which needs root"
-    return None
-
-
-needs_slurm = pytest.mark.skipif(_missing_slurm() is not None, reason=_missing_slurm() or "")
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -242,22 +231,6 @@ def test_paper_dag_on_a_cluster(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The tiny DAG under a real Slurm.
-
-@pytest.fixture(scope="module")
-def slurm_env():
-    """A running single-node Slurm; the environment that reaches it. Stopped at the end."""
-    state = Path(tempfile.mkdtemp(prefix="dd-slurm-"))
-    start = subprocess.run(["bash", str(HARNESS), "start", str(state)], capture_output=True, text=True, timeout=180)
-    try:
-        assert start.returncode == 0, f"harness failed to start:\n{start.stdout}\n{start.stderr}"
-        env = dict(os.environ)
-        env["SLURM_CONF"] = str(state / "slurm.conf")
-        env["PATH"] = f"{state / 'bin'}{os.pathsep}{env['PATH']}"
-        yield env
-    finally:
-        subprocess.run(["bash", str(HARNESS), "stop", str(state)], capture_output=True, text=True, timeout=120)
-        shutil.rmtree(state, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def tiny_runs(slurm_env, tmp_path_factory):

@@ -242,7 +242,7 @@ def cmd_evaluate(args):
         else:
             train_set = balanced_prefix(train_set, args.images_per_class)
     if like is not None:
-        train_set = random_real_subset(train_set, like["labels"], seed=args.seed)
+        train_set = random_real_subset(train_set, like["labels"], seed=args.seed, cap=True)
     result = evaluate_run(train_set, test_set, eval_cfg, seed=args.seed, device=device,
                           name=args.set, mean=mean, std=std, state_path=args.state)
     if args.images_per_class:
