@@ -141,7 +141,7 @@ def step_device(params, dataset, section, cli_device="auto"):
     if reasons:
         keys = " and ".join(f"{dataset}.{r}" for r in reasons)
         raise DeviceError(
-            f"{keys}, which put this step on a GPU, but no CUDA device is visible (torch.cuda.is_available() "
+            f"{keys} put this step on a GPU, but no CUDA device is visible (torch.cuda.is_available() "
             f"is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run it where a GPU "
             f"is allocated (a Slurm job with --gres=gpu), or, to run it on the CPU on purpose, set `device: cpu` "
             f"in params.yaml or an override file (snakemake --configfile cpu.yaml) or pass --device cpu "
