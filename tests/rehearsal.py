@@ -303,11 +303,12 @@ def dvc_params(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def command(args, dvc=False):
+def command(args, dvc=False, configfiles=()):
     bindir = Path(sys.executable).parent
     if dvc:
         return [str(bindir / "dvc"), "repro", *args]
-    return [str(bindir / "snakemake"), "--cores", "all", "--configfile", *CONFIGFILES, *args]
+    # --configfile takes every word after it: targets and other options go first.
+    return [str(bindir / "snakemake"), "--cores", "all", *args, "--configfile", *CONFIGFILES, *configfiles]
 
 
 def _served_folder(workdir, withhold):
@@ -323,9 +324,10 @@ def _served_folder(workdir, withhold):
     return folder
 
 
-def run(workdir, args=(), dvc=False, env=None, timeout=None, capture=True, withhold=()):
-    """Prepare ``workdir``, serve the made files (less ``withhold``) and run the rehearsal there;
-    returns the finished process, with ``seconds`` its wall time."""
+def run(workdir, args=(), dvc=False, env=None, timeout=None, capture=True, withhold=(), configfiles=()):
+    """Prepare ``workdir``, serve the made files (less ``withhold``) and run the rehearsal there, with
+    ``configfiles`` (in ``workdir``) after the rehearsal's own; returns the finished process, with
+    ``seconds`` its wall time."""
     workdir = Path(workdir).resolve()
     files = prepare(workdir)
     with serve(_served_folder(workdir, withhold), previous_port(workdir)) as base_url:
@@ -341,7 +343,7 @@ def run(workdir, args=(), dvc=False, env=None, timeout=None, capture=True, withh
             subprocess.run([sys.executable, "-m", "diffdistill", "dvc-yaml"], cwd=workdir, env=env, check=True,
                            capture_output=True)
         t0 = time.time()
-        proc = subprocess.run(command(args, dvc), cwd=workdir, env=env, capture_output=capture, text=True,
+        proc = subprocess.run(command(args, dvc, configfiles), cwd=workdir, env=env, capture_output=capture, text=True,
                               timeout=timeout)
         proc.seconds = time.time() - t0
     return proc
