@@ -9,12 +9,13 @@ from diffdistill.config import validate as validate_params
 from diffdistill.dag import STEP_PARAMS, param_value
 from diffdistill.data import ARCHIVES, archive_name
 
-# Invalid params stop here, before any job, with a message naming the key.
-validate_params(config)
-
-DATASETS = list(config["datasets"])
 # The CLI reads params.yaml plus any --configfile overrides, in the order Snakemake merged them.
 PARAM_FILES = ["params.yaml"] + [str(f) for f in workflow.overwrite_configfiles]
+
+# Invalid params stop here, before any job, with a message naming the key and the file that set it.
+validate_params(config, files=PARAM_FILES)
+
+DATASETS = list(config["datasets"])
 PARAMS_ARGS = " ".join(f"--params {f}" for f in PARAM_FILES)
 ENV = "../envs/diffdistill.yaml"
 

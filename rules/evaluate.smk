@@ -38,7 +38,7 @@ rule summarize:
                          set=["synthetic", "full_real", "random_real"], seed=seeds(w.ds)),
     output:
         summary="results/{ds}/summary.json",
-        table="results/tables/{ds}_summary.md",
+        table=report("results/tables/{ds}_summary.md", caption="../report/summary.rst", category="Tables"),
     params:
         files=PARAMS_ARGS,
     log:

@@ -11,7 +11,8 @@ rule report:
         models_csv="results/tables/models.csv",
         fid=report("results/tables/fid.md", caption="../report/table2.rst", category="Tables"),
         fid_csv="results/tables/fid.csv",
-        metrics="results/metrics.json",
+        # one metrics file per dataset, the same keys in each: `dvc metrics show` gets a row per dataset
+        metrics=expand("results/{ds}/metrics.json", ds=DATASETS),
         fid_curve=report("results/figures/fid_curve.png", caption="../report/fig3.rst", category="Figures"),
         leaderboard=report("results/figures/leaderboard.png", caption="../report/fig4.rst", category="Figures"),
         grids=report([f for ds in DATASETS for f in class_grid_files(ds)],

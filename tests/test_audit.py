@@ -76,6 +76,12 @@ def test_write_audit(tmp_path, made):
     assert len(j["spaces"]["feature"]["gen_nn_dist"]) == 4 and len(j["spaces"]["pixel"]["test_nn_dist"]) == 120
     assert set(data["hist"]) == {"pixel", "feature"} and data["pairs"]["pixel"][0][:2] == (0, 17)
     assert (tmp_path / "hist.png").stat().st_size > 0 and (tmp_path / "pairs.png").stat().st_size > 0
+    # the pairs figure: no blank band under the title (it was 0.69 in on a digits audit), headers
+    # clear of each other, and each space says what its distance d is measured in
+    lay = data["pairs_layout"]
+    assert 0 < lay["title_gap_in"] < 0.45 and lay["collisions"] == []
+    header = " ".join(lay["header"])
+    assert "L2 on [0, 1] pixel values" in header and "feature units" in header
 
 
 MANIFEST = {"count": 1000, "per_class": {str(k): 100 for k in range(10)}, "seconds": 10.0,
@@ -122,6 +128,9 @@ def test_summarize_and_fig_sweep(tmp_path):
     assert data["accuracy_vs_ipc"]["random_real"]["y"] == pytest.approx([0.45, 0.7])
     assert data["accuracy_vs_seconds"]["synthetic"]["x"] == [3.0, 5.5]
     assert data["seconds_vs_images"]["x"] == [250, 500, 750, 1000]
+    # the error bars are defined, with the seed count, and the generated sets are said to be unselected
+    assert data["legend"]["title"] == "mean ± population std over 3 seeds"
+    assert "unselected" in data["legend"]["labels"][0]
     assert json.loads((tmp_path / "sweep.json").read_text())["curve"][0]["set"] == "random_real"
     assert (tmp_path / "sweep.png").exists()
     with pytest.raises(ValueError, match="sweep result name"):

@@ -39,8 +39,10 @@ def test_repro_runs_every_stage_and_records_metrics(dvc_repo):
     stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
     assert ran_stages(output) == set(stages)
     shown = run([DVC, "metrics", "show"], work).stdout
-    assert "results/digits/summary.json" in shown
-    assert re.search(r"synthetic\.mean\s", shown) and re.search(r"full_real\.mean\s", shown)
+    # issue 14: the metrics file is results/{ds}/metrics.json (was summary.json, keys synthetic.mean...)
+    assert "results/digits/metrics.json" in shown
+    assert re.search(r"synthetic_acc\s", shown) and re.search(r"full_real_acc\s", shown)
+    assert max(map(len, shown.splitlines())) <= 120
 
 
 def test_second_repro_does_nothing(dvc_repo):

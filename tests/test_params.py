@@ -1,4 +1,5 @@
 """params.yaml is validated before any job runs: a bad value stops the run with a message naming the key."""
+import argparse
 import copy
 
 import pytest
@@ -77,3 +78,43 @@ def test_paper_training_lengths(params):
     """The paper trained 80,000 steps on CIFAR-100 and 117,000 on Tiny-ImageNet (4 A100s)."""
     assert params["cifar100"]["train"]["steps"] == 80000 and params["tinyimagenet"]["train"]["steps"] == 117000
     assert params["cifar100"]["train"]["warmup_steps"] == 2500   # U-ViT's CIFAR-10 config
+
+
+def test_error_names_the_override_file_that_set_the_bad_value(tmp_path):
+    bad = tmp_path / "my_override.yaml"
+    bad.write_text(yaml.safe_dump({"digits": {"sample": {"budget_seconds": -1}}}))
+    with pytest.raises(ParamsError, match=r"Fix it in .*my_override\.yaml") as err:
+        load_params([REPO / "params.yaml", bad])
+    assert "digits.sample.budget_seconds" in str(err.value)
+    # a bad value in params.yaml itself, with an override that does not touch it, names params.yaml
+    good = tmp_path / "other.yaml"
+    good.write_text(yaml.safe_dump({"digits": {"train": {"steps": 5}}}))
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base["digits"]["sample"]["max_per_class"] = 0
+    edited = tmp_path / "params.yaml"
+    edited.write_text(yaml.safe_dump(base))
+    with pytest.raises(ParamsError, match=r"Fix it in .*tmp.*params\.yaml"):
+        load_params([edited, good])
+    # a value no file set (Snakemake's --config) is named as such
+    merged = load_params([REPO / "params.yaml"])
+    merged["digits"]["sample"]["budget_seconds"] = -3
+    with pytest.raises(ParamsError, match="--config"):
+        validate(merged, files=[REPO / "params.yaml"])
+
+
+def test_every_step_and_flag_has_help():
+    from diffdistill.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {a.dest: a.help for a in subs._choices_actions}
+    assert len(subs.choices) >= 15
+    for name, sub in subs.choices.items():
+        assert listed.get(name), f"{name}: no one-line help in `diffdistill --help`"
+        assert sub.description and len(sub.description) > 40, f"{name}: no description in `{name} --help`"
+        assert "reads" in sub.description.lower() and "writes" in sub.description.lower(), name
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings}: no help"
+    assert "folder" in subs.choices["prepare"].description  # the folder kind is documented

@@ -1,6 +1,9 @@
 """report.py: every table and figure built from made inputs, content checked."""
 import csv
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -40,10 +43,11 @@ def make_run(root, ds, k=10, steps=(0, 100, 200), fid=12.5, fid_key="fid_convnet
     """Write every file the pipeline produces for one dataset."""
     p = report.dataset_paths(ds, root)
     save_json(p["summary"], _summary(k=k))
+    # as the evaluate step writes them: "name" is the set, the same for every seed
     for s in range(3):
         save_json(p["eval_dir"] / f"synthetic_seed{s}.json",
                   {"accuracy": 0.9, "per_class_accuracy": [0.9] * k, "n_train": 10 * k,
-                   "loss_curve": [2.0, 1.0, 0.5], "seed": s, "name": f"synthetic_seed{s}"})
+                   "loss_curve": [2.0, 1.0, 0.5 + s / 10], "seed": s, "name": "synthetic"})
     save_json(p["fid"], {fid_key: fid, "n_samples": 100})
     save_npz(p["samples"], **_image_set(k, 2))
     save_json(p["manifest"], {"count": 2 * k, "per_class": {str(i): 2 for i in range(k)}, "seconds": 4.0,
@@ -83,8 +87,22 @@ def test_table_fid_reads_fid_sampler_and_benchmark(tmp_path):
     assert d["_fid"] == 12.5 and d["fid_features"] == "ConvNet"
     assert d["sampler"] == "DPM-Solver (fast)" and d["steps"] == 50
     assert d["_train_seconds"] == pytest.approx(61.25) and d["train_hms"] == "0:01:01"
+    assert d["train_time_source"] == report.TRAIN_TIME_BENCHMARK
     assert c["fid"] == "not run" and c["train_seconds"] == "not run" and c["paper_fid"] == 39.85
     assert "12.50" in (tmp_path / "fid.md").read_text()
+
+
+def test_table_fid_reads_the_benchmark_the_training_rule_writes(tmp_path):
+    """The path the report reads is the one rules/diffusion.smk's benchmark: directive names; without
+    it (dvc repro) the time is train.json's, and the table says so."""
+    smk = (ROOT / "rules" / "diffusion.smk").read_text()
+    bench = report.dataset_paths("{ds}", ".")["benchmark"].as_posix()
+    assert f'"{bench}"' in smk
+    p = make_run(tmp_path, "digits", seconds=61.25)
+    p["benchmark"].unlink()
+    (row,) = report.table_fid({"digits": p}, tmp_path / "fid.md")
+    assert row["_train_seconds"] == 50.0 and row["train_time_source"] == report.TRAIN_TIME_TRAIN_JSON
+    assert "| train.json | cpu |" in (tmp_path / "fid.md").read_text()
 
 
 def test_benchmark_mean_over_repeats_and_bad_file(tmp_path):
@@ -103,12 +121,28 @@ def test_table_results_and_summary(tmp_path):
     d, c = rows
     assert d["synthetic"] == "0.9000 ± 0.0100" and d["random_real"] == "0.8000 ± 0.0200"
     assert d["gain_over_random"] == "+0.1000" and d["gap_to_full"] == "+0.0700"
-    assert d["images_per_class"] == "2" and d["sampling_seconds"] == 4.0 and d["fid"] == "12.50 (ConvNet)"
+    # what the ConvNet trained on (n_synthetic = 100 over 10 classes), not the 2 per class sampled
+    # (this assertion was "2": the sampled count, the bug of issue 14)
+    assert d["n_synthetic"] == 100 and d["images_per_class"] == "10" and d["sampled"] == "20 (2 / class)"
+    assert d["seeds"] == "3"
+    assert d["sampling_seconds"] == 4.0 and d["fid"] == "12.50 (ConvNet)"
+    md = (tmp_path / "r.md").read_text()
+    assert "population standard deviation" in md and "(3 seeds)" in md
     assert c["synthetic"] == "not run" and c["fid"] == "not run"
     out = report.table_summary(p["summary"], tmp_path / "s.md", dataset="digits")
     assert [r["set"] for r in out["rows"]] == ["synthetic", "random_real", "full_real"]
     text = (tmp_path / "s.md").read_text()
     assert "0.8900, 0.9000, 0.9100" in text and "per-class accuracy" in text
+    assert "population standard deviation (ddof = 0) over the seeds (3 seeds)" in text
+
+
+def test_images_per_class_from_recorded_training_counts(tmp_path):
+    p = make_run(tmp_path, "digits")
+    s = json.loads(p["summary"].read_text())
+    s["synthetic"]["per_class_train_counts"] = [9] * 5 + [11] * 5
+    save_json(p["summary"], s)
+    (row,) = report.table_results({"digits": p}, tmp_path / "r.md")
+    assert row["images_per_class"] == "9–11"
 
 
 def test_fig_fid_curve_one_line_per_dataset(tmp_path):
@@ -121,6 +155,17 @@ def test_fig_fid_curve_one_line_per_dataset(tmp_path):
     assert (tmp_path / "fid.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("kinds, ylabel", [
+    ({"digits": "convnet"}, "FID (ConvNet features)"),
+    ({"digits": "inception", "cifar100": "inception"}, "FID (Inception features)"),
+    ({"digits": "convnet", "cifar100": "inception"}, "FID (features per line, see legend)"),
+])
+def test_fig_fid_curve_axis_names_the_features(tmp_path, kinds, ylabel):
+    curves = {ds: make_run(tmp_path, ds, k=3)["fid_curve"] for ds in kinds}
+    out = report.fig_fid_curve(curves, tmp_path / "fid.png", kinds=kinds, return_axes=True)
+    assert out["ylabel"] == ylabel and set(out["curves"]) == set(kinds)
+
+
 def test_fig_leaderboard_bars_and_not_run(tmp_path, monkeypatch):
     p = make_run(tmp_path, "cifar100", k=4)
     figs = []
@@ -128,19 +173,37 @@ def test_fig_leaderboard_bars_and_not_run(tmp_path, monkeypatch):
     data = report.fig_leaderboard({"cifar100": p["summary"], "tinyimagenet": None, "digits": _summary()},
                                   tmp_path / "lb.png")
     assert data["groups"] == ["cifar100", "tinyimagenet", "digits"]
+    assert data["panels"] == {"challenge": ["cifar100", "tinyimagenet"], "other": ["digits"]}
+    assert data["collisions"] == []
     teams = [b for b in data["bars"] if not b["ours"]]
     ours = [b for b in data["bars"] if b["ours"]]
     assert len(teams) == 10 and {b["value"] for b in teams if b["label"] == "zheli"} == {0.3756, 0.2353}
     assert [(b["group"], b["value"]) for b in ours] == [("cifar100", 0.9), ("digits", 0.9)]
     assert data["not_run"] == ["tinyimagenet"]
-    ax = figs[0].axes[0]
-    assert len(ax.patches) == 12  # 10 team bars + 2 of ours
+    # digits is not on the leaderboard's axis: the challenge panel holds the 10 team bars and our
+    # CIFAR-100 bar; digits has a panel (and y axis) of its own. (This test counted 12 bars on one
+    # axis before issue 14 moved digits apart.)
+    ax, ax_other = figs[0].axes[:2]
+    assert len(ax.patches) == 11 and len(ax_other.patches) == 1
+    assert ax_other.get_xticklabels()[0].get_text() == "Digits"
+    assert "not in the challenge" in ax_other.get_title()
     texts = [t.get_text() for t in ax.texts]
     assert texts.count("not run") == 1
     # the not-run dataset never shows a number in our slot: its only text is "not run"
     assert ax.get_ylabel() == "test accuracy"
-    hatched = [r for r in ax.patches if r.get_hatch()]
+    hatched = [r for a in (ax, ax_other) for r in a.patches if r.get_hatch()]
     assert sorted(r.get_height() for r in hatched) == [0.9, 0.9]
+    assert ax.get_ylim()[1] < 0.9 * 1.5  # the challenge axis is scaled to the challenge's bars and ours
+
+
+def test_fig_leaderboard_labels_never_collide(tmp_path):
+    """The committed default run's digits result and the paper datasets: every value label is clear
+    of every other label and of every bar (the old figure printed "10.921" into its bar)."""
+    digits = json.loads((ROOT / "results" / "digits" / "summary.json").read_text())
+    measured = {"cifar100": _summary(syn=0.3700), "tinyimagenet": _summary(syn=0.2330), "digits": digits}
+    data = report.fig_leaderboard(measured, tmp_path / "lb.png")
+    assert data["collisions"] == []
+    assert data["labels"] == ["0.370", "0.233", f"{digits['synthetic']['mean']:.3f}"]
 
 
 @pytest.mark.parametrize("k,grids,shape", [(10, 1, (1, 10)), (200, 2, (10, 10))])
@@ -154,16 +217,35 @@ def test_fig_class_grid_sizes(tmp_path, k, grids, shape):
     assert res[0]["shape"] == shape and sum(len(g["classes"]) for g in res) == k
     assert res[-1]["classes"][-1] == f"class{k - 1}"
     assert res[0]["indices"][0] == k - 1  # the image labelled 0 sits last
+    for g in res:  # readable and clear of each other and of the images, and says which image is shown
+        assert min(g["fontsizes"]) >= 8 and g["collisions"] == []
+        assert "first image of each class" in g["subtitle"]
     with pytest.raises(ValueError, match="output paths"):
         report.fig_class_grid(s, outs[:1] if grids == 2 else outs * 2)
 
 
+def test_fig_class_grid_long_names_fit(tmp_path):
+    s = _image_set(20, 1, hw=16, c=3)
+    s["classes"] = np.array([f"n0{i:07d}, a rather long class name {i}" for i in range(20)])
+    (g,) = report.fig_class_grid(s, [tmp_path / "g.png"])
+    assert g["collisions"] == [] and min(g["fontsizes"]) >= 8
+
+
 def test_fig_loss_curves(tmp_path):
     p = make_run(tmp_path, "digits")
+    for name in ("random_real", "full_real"):
+        for s in range(3):
+            save_json(p["eval_dir"] / f"{name}_seed{s}.json", {"accuracy": 0.9, "loss_curve": [2.0, 1.0 + s],
+                                                               "seed": s, "name": name})
     evals = sorted(p["eval_dir"].glob("*.json"))
     data = report.fig_loss_curves(p["loss"], tmp_path / "loss.png", eval_jsons=evals)
     assert data["diffusion"]["step"][:2] == [1, 2] and data["diffusion"]["loss"][0] == 0.5
-    assert set(data["convnet"]) == {"synthetic_seed0", "synthetic_seed1", "synthetic_seed2"}
+    # every seed of every set is drawn, each with its own curve (runs were keyed by set name, and
+    # each seed overwrote the last)
+    assert {k for k in data["convnet"] if k.startswith("synthetic")} == {"synthetic_seed0", "synthetic_seed1",
+                                                                         "synthetic_seed2"}
+    assert len(data["convnet"]) == 9 and data["lines"] == 9
+    assert data["convnet"]["synthetic_seed2"][-1] == 0.7 and data["convnet"]["full_real_seed1"] == [2.0, 2.0]
     assert (tmp_path / "loss.png").exists()
 
 
@@ -176,18 +258,87 @@ def test_build_report_with_one_dataset_missing(tmp_path):
     for f in ["tables/models.md", "tables/fid.md", "tables/results.md",
               "figures/fid_curve.png", "figures/leaderboard.png", "figures/digits_classes.png",
               "figures/digits_loss.png", "plots/digits_fid_curve.csv", "plots/digits_diffusion_loss.csv",
-              "metrics.json"]:
+              "digits/metrics.json"]:
         assert (res / f).exists(), f
     assert not (res / "tables/digits_summary.md").exists()  # the summarize step's, not the report's
     assert any("cifar100" in what for what, _ in out["skipped"])
     results_md = (res / "tables/results.md").read_text()
     assert "| CIFAR-100 | not run" in results_md and "0.9000 ± 0.0100" in results_md
     assert "44307040" in (res / "tables/models.md").read_text()
-    m = json.loads((res / "metrics.json").read_text())
-    assert set(m) == {"digits"} and m["digits"]["synthetic_acc"] == 0.9 and m["digits"]["fid_convnet"] == 12.5
+    # one metrics file per dataset (results/{ds}/metrics.json; was results/metrics.json keyed by dataset)
+    m = json.loads((res / "digits" / "metrics.json").read_text())
+    assert m["synthetic_acc"] == 0.9 and m["fid_convnet"] == 12.5
+    assert not (res / "cifar100" / "metrics.json").exists()
     # no stray temporary files
     assert not [f for f in res.rglob("*") if ".tmp" in f.name]
 
 
 def test_agg_backend():
     assert matplotlib.get_backend().lower() == "agg"
+
+
+# ----------------------------------------------------------------------------------------------
+# dvc metrics show: numbers only, readable in 120 columns
+
+DVC = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+
+
+def _leaves(d):
+    for v in d.values():
+        yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
+def _dvc_metrics_show(work, metric_files):
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"metrics": [str(f) for f in metric_files]}))
+    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=work, check=True)
+    out = subprocess.run([DVC, "metrics", "show"], cwd=work, check=True, capture_output=True, text=True,
+                         env={**__import__("os").environ, "COLUMNS": "120"})
+    return out.stdout
+
+
+def test_metrics_files_are_the_committed_dvc_yamls_and_hold_numbers_only():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
+    assert declared == {"results/digits/metrics.json"}
+    m = report.metrics({"digits": report.dataset_paths("digits", ROOT)})["digits"]
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _leaves(m))
+    assert set(m) == set(report.METRIC_KEYS) | {"fid_convnet"}
+
+
+@pytest.mark.skipif(not Path(DVC).exists(), reason="dvc is not installed")
+@pytest.mark.parametrize("datasets", [("digits",), ("cifar100", "tinyimagenet")])
+def test_dvc_metrics_show_fits_120_columns(tmp_path, datasets):
+    """`dvc metrics show` on the default run's committed results (and on the paper pair) prints a row
+    per dataset, within 120 columns, with the accuracies and the FID named by its features."""
+    files = []
+    for ds in datasets:
+        if ds == "digits":  # the committed results of the default run
+            paths = report.dataset_paths("digits", ROOT)
+        else:
+            paths = make_run(tmp_path / "made", ds, fid_key="fid_inception")
+        out = tmp_path / "results" / ds / "metrics.json"
+        save_json(out, report.metrics({ds: paths})[ds])
+        files.append(out.relative_to(tmp_path))
+    shown = _dvc_metrics_show(tmp_path, files)
+    lines = shown.rstrip("\n").splitlines()
+    assert len(lines) == 1 + len(datasets), shown
+    assert max(map(len, lines)) <= 120, shown
+    for key in ("synthetic_acc", "synthetic_std", "random_real_acc", "full_real_acc"):
+        assert key in lines[0]
+    assert ("fid_convnet" if "digits" in datasets else "fid_inception") in lines[0]
+
+
+def test_summarize_records_training_counts_and_the_table_shows_them(tmp_path):
+    from diffdistill.evaluate import summarize
+
+    runs = [{"name": name, "seed": s, "accuracy": 0.5 + s / 100, "n_train": 40,
+             "per_class_train_counts": [10, 10, 10, 10], "per_class_accuracy": [0.5] * 4}
+            for name in ("synthetic", "random_real", "full_real") for s in range(2)]
+    summary = summarize(runs)
+    assert summary["synthetic"]["per_class_train_counts"] == [10, 10, 10, 10]
+    assert summary["synthetic"]["n_seeds"] == 2
+    save_json(tmp_path / "summary.json", summary)
+    (row,) = report.table_results({"digits": {"summary": tmp_path / "summary.json"}}, tmp_path / "r.md")
+    assert row["images_per_class"] == "10" and row["seeds"] == "2" and row["sampled"] == "not run"
+    report.table_summary(tmp_path / "summary.json", tmp_path / "s.md", dataset="digits")
+    assert "(10 per class)" in (tmp_path / "s.md").read_text()

@@ -162,6 +162,10 @@ def audit(samples, train_set, test_set, features_fn=None, features=None, quantil
     }
 
 
+# What a distance is measured in, per space: on the figures' axes and in the pairs' labels.
+SPACE_UNITS = {"pixel": "L2 on [0, 1] pixel values", "feature": "L2 in the reference classifier's feature units"}
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items() if not k.startswith("_")}
@@ -203,7 +207,7 @@ def write_audit(result, out_json, fig_hist_path, fig_pairs_path):
         ax.hist(d_test, bins=bins, alpha=0.6, density=True, label="test → train", color="tab:blue")
         ax.hist(d_gen, bins=bins, alpha=0.6, density=True, label="generated → train", color="tab:red")
         ax.axvline(sp["threshold_min_test"], color="black", ls="--", lw=1, label="closest test image")
-        ax.set_xlabel(f"distance to nearest training image ({name} space)")
+        ax.set_xlabel(f"distance to nearest training image\n({name} space: {SPACE_UNITS.get(name, 'L2')})")
         ax.set_ylabel("density")
         ax.set_title(f"{name}: {100 * sp['share_flagged']:.1f}% of generated images flagged", fontsize=9)
         ax.legend(fontsize=7)
@@ -212,10 +216,18 @@ def write_audit(result, out_json, fig_hist_path, fig_pairs_path):
 
     gen, train = result["_images"]["samples"], result["_images"]["train"]
     k = max((len(sp["closest_pairs"]) for sp in spaces.values()), default=0)
-    fig, axes = plt.subplots(max(k, 1), 2 * len(spaces), figsize=(2.6 * len(spaces), 1.1 * max(k, 1) + 0.4), squeeze=False)
+    rows = max(k, 1)
+    # Fixed inches for the header (suptitle + column titles) and per row, placed with explicit
+    # margins: the old layout (height 1.1·k + 0.4 with the default top margin and a suptitle at
+    # y=1) left a band of blank space under the title.
+    row_in, head_in = 1.1, 0.75
+    height = head_in + row_in * rows
+    fig, axes = plt.subplots(rows, 2 * len(spaces), figsize=(2.6 * len(spaces), height), squeeze=False)
+    fig.subplots_adjust(top=1 - head_in / height, bottom=0.02, left=0.12, right=0.98, hspace=0.35, wspace=0.1)
     pairs = {}
     for si, (name, sp) in enumerate(spaces.items()):
         pairs[name] = []
+        flagged = set(np.asarray(sp["flagged"]).tolist())
         for row in range(axes.shape[0]):
             a, b = axes[row, 2 * si], axes[row, 2 * si + 1]
             a.set_axis_off()
@@ -227,15 +239,29 @@ def write_audit(result, out_json, fig_hist_path, fig_pairs_path):
             _show(b, train[p["train_index"]])
             a.set_axis_on()
             b.set_axis_on()
-            flag = " flagged" if p["generated_index"] in set(np.asarray(sp["flagged"]).tolist()) else ""
-            a.set_ylabel(f"d={p['distance']:.3g}{flag}", fontsize=6)
+            flag = "\nflagged" if p["generated_index"] in flagged else ""
+            a.set_ylabel(f"d = {p['distance']:.3g}{flag}", fontsize=7)
             if row == 0:
-                a.set_title(f"generated\n({name})", fontsize=7)
+                a.set_title("generated", fontsize=7)
                 b.set_title("nearest train", fontsize=7)
             pairs[name].append((p["generated_index"], p["train_index"], p["distance"]))
-    fig.suptitle("Closest generated–training pairs", fontsize=8, y=1.0)
+        # the column pair's header: which space, and the unit of d
+        x_mid = (axes[0, 2 * si].get_position().x0 + axes[0, 2 * si + 1].get_position().x1) / 2
+        fig.text(x_mid, 1 - 0.42 / height, f"{name} space\nd: {SPACE_UNITS.get(name, 'L2')}", ha="center",
+                 va="center", fontsize=7)
+    title = fig.suptitle("Closest generated–training pairs", fontsize=9, y=1 - 0.12 / height, va="top")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title_bottom = title.get_window_extent(renderer).y0
+    axes_top = max(ax.get_tightbbox(renderer).y1 for ax in axes.flat if ax.axison) if k else title_bottom
+    from .report import overlapping
+    header = [title] + [t for t in fig.texts if t is not title] + [ax.title for ax in axes.flat if ax.get_title()]
+    header_boxes = [t.get_window_extent(renderer) for t in header]
+    layout = {"title_gap_in": float((title_bottom - axes_top) / fig.dpi), "height_in": height,
+              "collisions": overlapping(header_boxes),
+              "header": [t.get_text() for t in header]}
     _save_fig(fig, fig_pairs_path)
-    return {"hist": hist_data, "pairs": pairs}
+    return {"hist": hist_data, "pairs": pairs, "pairs_layout": layout}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,11 +358,24 @@ def summarize_sweep(paths, manifest=None, num_classes=None):
 def fig_sweep(sweep_results, out):
     """Budget sweep figure: (a) accuracy vs images per class, (b) accuracy vs sampling seconds,
     both with the random-real baseline at equal image count; (c) sampling seconds vs images with the
-    least-squares line and R² (the linear-cost claim). Returns the plotted data per panel."""
+    least-squares line and R² (the linear-cost claim).
+
+    The generated sets here are balanced prefixes of ALL the samples, with no selection; the
+    headline accuracy (summary.json) trains on the selected subset. The legend says so, and says
+    what the error bars are: the population std (ddof 0) over the seeds, with their count.
+    Returns the plotted data per panel and "legend" (the accuracy panels' legend title and labels)."""
     curve = sweep_results["curve"]
     sets = sorted({r["set"] for r in curve}, key=lambda s: (s != "synthetic", s))
     colors = {"synthetic": "tab:red", "random_real": "tab:green"}
-    names = {"synthetic": "generated (ours)", "random_real": "random real, same count"}
+    names = {"synthetic": "generated, unselected (balanced prefix of all samples)",
+             "random_real": "random real, same count"}
+    seeds = sorted({len(r.get("runs") or r.get("seeds") or []) for r in curve})
+    n_seeds = " or ".join(str(n) for n in seeds) if seeds else "?"
+    legend_title = f"mean ± population std over {n_seeds} seeds"
+    lo = min((r["mean"] - r["std"] for r in curve), default=0.0)
+    hi = max((r["mean"] + r["std"] for r in curve), default=1.0)
+    span = (hi - lo) or 0.1
+    ylim = (lo - 0.05 * span, hi + 0.6 * span)  # headroom: the legend sits above the curves
     has_tl = bool(sweep_results.get("timeline"))
     fig, axes = plt.subplots(1, 3 if has_tl else 1, figsize=(14 if has_tl else 5, 3.6), squeeze=False)
     axes = axes.flat
@@ -352,7 +391,9 @@ def fig_sweep(sweep_results, out):
     ax.set_xlabel("images per class")
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy vs images per class")
-    ax.legend(fontsize=7)
+    ax.set_ylim(*ylim)
+    leg = ax.legend(fontsize=7, title=legend_title, title_fontsize=7, loc="upper left")
+    data["legend"] = {"title": leg.get_title().get_text(), "labels": [t.get_text() for t in leg.get_texts()]}
     if has_tl:
         ax = axes[1]
         for s in sets:
@@ -363,10 +404,11 @@ def fig_sweep(sweep_results, out):
             ax.errorbar(x, y, yerr=[r["std"] for r in rows], marker="o", capsize=2, color=colors.get(s),
                         label=names.get(s, s))
             data["accuracy_vs_seconds"][s] = {"x": x, "y": y}
-        ax.set_xlabel("sampling seconds")
+        ax.set_xlabel("sampling seconds (time to generate the prefix)")
         ax.set_ylabel("test accuracy")
         ax.set_title("accuracy vs sampling budget")
-        ax.legend(fontsize=7)
+        ax.set_ylim(*ylim)
+        ax.legend(fontsize=7, title=legend_title, title_fontsize=7, loc="upper left")
         ax = axes[2]
         tl = np.asarray(sweep_results["timeline"], float)
         fit = sweep_results.get("linear_fit") or linear_fit(tl[:, 0], tl[:, 1])
@@ -379,6 +421,9 @@ def fig_sweep(sweep_results, out):
         ax.set_title("sampling cost vs images")
         ax.legend(fontsize=7)
         data["seconds_vs_images"] = {"x": tl[:, 0].tolist(), "y": tl[:, 1].tolist(), "fit": fit}
+    fig.suptitle("Budget sweep: the generated sets are NOT selected (unlike the headline accuracy, "
+                 "which trains on the selected subset)", fontsize=9)
+    fig.tight_layout()
     _save_fig(fig, out)
     return data
 

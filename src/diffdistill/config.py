@@ -26,8 +26,45 @@ def deep_update(base, override):
     return out
 
 
-def validate(params, schema_path=SCHEMA_PATH):
-    """Raise ParamsError naming the first invalid key, as Snakemake's validate() would."""
+def _has_path(tree, path):
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def source_of(path, files, params=None):
+    """The last of ``files`` (params.yaml, then overrides, in merge order) that sets the key at
+    ``path`` (a tuple of keys), i.e. the file whose value won the merge. A key none sets exactly
+    (an unexpected key is reported at its parent) falls back to the longest prefix that one sets.
+    None when no file sets any of it, or when ``params`` (the merged result) holds another value
+    than the winning file: then the value came from the command line (Snakemake's --config)."""
+    docs = []
+    for f in files:
+        try:
+            docs.append((str(f), yaml.safe_load(Path(f).read_text()) or {}))
+        except (OSError, yaml.YAMLError):
+            continue
+    for n in range(len(path), 0, -1):
+        for name, doc in reversed(docs):
+            if _has_path(doc, path[:n]):
+                if n == len(path) and params is not None and _has_path(params, path):
+                    if _get(doc, path) != _get(params, path) and not isinstance(_get(params, path), dict):
+                        return None
+                return name
+    return None
+
+
+def _get(tree, path):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def validate(params, schema_path=SCHEMA_PATH, files=None):
+    """Raise ParamsError naming the first invalid key, as Snakemake's validate() would, and the
+    file to fix: the last of ``files`` (merge order) that set the key, or params.yaml when unknown."""
     import jsonschema
 
     schema = yaml.safe_load(Path(schema_path).read_text())
@@ -37,7 +74,10 @@ def validate(params, schema_path=SCHEMA_PATH):
         # best_match descends into oneOf/anyOf to the most specific failure, e.g. "-1 is less than 0".
         err = jsonschema.exceptions.best_match(errors)
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ParamsError(f"params: invalid value at '{key}': {err.message}. Fix it in params.yaml "
+        where = source_of(tuple(err.absolute_path), files, params) if files else None
+        if where is None and files:
+            where = "the command line's --config (no params file sets it)"
+        raise ParamsError(f"params: invalid value at '{key}': {err.message}. Fix it in {where or 'params.yaml'} "
                           f"(the schema is {schema_path}).")
     for ds in params["datasets"]:
         if ds not in params:
@@ -56,7 +96,7 @@ def load_params(paths=("params.yaml",), check=True):
         if not p.exists():
             raise ParamsError(f"params file {p} does not exist")
         params = deep_update(params, yaml.safe_load(p.read_text()) or {})
-    return validate(params) if check else params
+    return validate(params, files=paths) if check else params
 
 
 def dataset_params(params, dataset):

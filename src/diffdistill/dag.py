@@ -44,8 +44,11 @@ STEP_MODULES = {
     "report": ["report.py", "uvit.py"],
 }
 
-# DVC metrics and plots among the outputs.
-METRICS_SUFFIXES = ("summary.json", "fid.json", "sweep.json", "audit.json", "metrics.json")
+# DVC metrics and plots among the outputs. `dvc metrics show` prints one table whose columns are the
+# union of every metrics file's keys, so only results/{ds}/metrics.json (a few numbers, the same keys
+# for every dataset: one row each) is a metrics file; summary.json, fid.json, sweep.json and
+# audit.json hold the details (per-seed runs, text, distances) as plain outputs.
+METRICS_SUFFIXES = ("metrics.json",)
 PLOTS = {"_diffusion_loss.csv": {"x": "step", "y": "loss"}, "_fid_curve.csv": {"x": "step", "y": "fid"}}
 
 

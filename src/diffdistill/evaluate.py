@@ -484,9 +484,11 @@ def _per_class_mean(lists):
 def summarize(runs):
     """Summary of evaluation runs (each with ``name`` in synthetic/full_real/random_real).
 
-    Returns ``{set: {"mean", "std", "runs": [{seed, accuracy, n_train, epochs, seconds}]}, ...,
-    "n_synthetic", "gain_over_random", "gap_to_full", "per_class": {set: [...]}}``. Sets without
-    runs are absent, and so are the metrics that need them.
+    Returns ``{set: {"mean", "std", "n_seeds", "per_class_train_counts", "runs": [{seed, accuracy,
+    n_train, epochs, seconds}]}, ..., "n_synthetic", "gain_over_random", "gap_to_full", "per_class":
+    {set: [...]}}``. Sets without runs are absent, and so are the metrics that need them.
+    ``per_class_train_counts`` is what the ConvNet trained on per class (the selected set for
+    ``synthetic``), so tables show that and not the sampled count; absent when the runs lack it.
 
     - std is the population standard deviation over seeds (``np.std``, ddof=0), as DC-benchmark
       reports mean ± std.
@@ -507,9 +509,13 @@ def summarize(runs):
             continue
         rs = sorted(groups[name], key=lambda r: r.get("seed", 0))
         acc = np.array([r["accuracy"] for r in rs], dtype=np.float64)
+        counts = [r.get("per_class_train_counts") for r in rs]
         summary[name] = {
             "mean": float(acc.mean()),
             "std": float(acc.std(ddof=0)),
+            "n_seeds": len(rs),
+            # every seed trains on the same per-class counts; the first run's, when all runs have them
+            **({"per_class_train_counts": [int(c) for c in counts[0]]} if all(counts) else {}),
             "runs": [{k: r[k] for k in ("seed", "accuracy", "n_train", "epochs", "seconds") if k in r}
                      for r in rs],
         }

@@ -8,7 +8,11 @@ stops the report for the datasets that were run (``build_report``).
 Inputs (per dataset ``ds``, relative to the project root; see ``dataset_paths``):
 ``results/{ds}/summary.json``, ``results/{ds}/eval/*.json``, ``results/{ds}/fid.json``,
 ``synthetic/{ds}/samples.npz`` + ``manifest.json``, ``checkpoints/{ds}/loss.csv``,
-``fid_curve.csv``, ``train.json`` and ``benchmarks/{ds}/train.tsv`` (Snakemake's benchmark file).
+``fid_curve.csv``, ``train.json`` and ``benchmarks/{ds}/train_diffusion.tsv`` (the benchmark file
+Snakemake writes for the ``train_diffusion`` rule).
+
+Every ± in a table or figure is the population standard deviation (``np.std``, ddof=0) over the
+evaluation seeds, and the tables say over how many.
 """
 import csv
 import io as _stdio
@@ -63,7 +67,10 @@ def dataset_paths(ds, root="."):
         "loss": root / "checkpoints" / ds / "loss.csv",
         "fid_curve": root / "checkpoints" / ds / "fid_curve.csv",
         "train_json": root / "checkpoints" / ds / "train.json",
-        "benchmark": root / "benchmarks" / ds / "train.tsv",
+        # The file rules/diffusion.smk's `benchmark:` directive names; a different name here would
+        # silently fall back to train.json's clock (as it once did).
+        "benchmark": root / "benchmarks" / ds / "train_diffusion.tsv",
+        "metrics": root / "results" / ds / "metrics.json",
     }
 
 
@@ -140,6 +147,24 @@ def _save_fig(fig, out):
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+def text_boxes(fig, texts):
+    """Display-space bounding boxes (pixels at the figure's dpi) of ``texts`` after a draw."""
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    return [t.get_window_extent(renderer) for t in texts]
+
+
+def overlapping(boxes_a, boxes_b=None, tol=0.5):
+    """Index pairs (i, j) of boxes that overlap by more than ``tol`` pixels in both directions;
+    within one list when ``boxes_b`` is None. A figure's labels must give an empty list."""
+    def hit(a, b):
+        return (min(a.x1, b.x1) - max(a.x0, b.x0) > tol) and (min(a.y1, b.y1) - max(a.y0, b.y0) > tol)
+    if boxes_b is None:
+        return [(i, j) for i in range(len(boxes_a)) for j in range(i + 1, len(boxes_a))
+                if hit(boxes_a[i], boxes_a[j])]
+    return [(i, j) for i, a in enumerate(boxes_a) for j, b in enumerate(boxes_b) if hit(a, b)]
 
 
 def _fmt(x, digits=4):
@@ -229,16 +254,20 @@ def read_fid(path):
 TABLE_FID_COLUMNS = [
     ("dataset", "dataset"), ("fid", "FID"), ("fid_features", "FID features"), ("paper_fid", "paper FID"),
     ("sampler", "sampler"), ("steps", "steps"), ("train_steps", "training steps"),
-    ("train_seconds", "training time (s)"), ("train_hms", "training time (h:m:s)"), ("device", "device"),
+    ("train_seconds", "training time (s)"), ("train_hms", "training time (h:m:s)"),
+    ("train_time_source", "training time from"), ("device", "device"),
 ]
+TRAIN_TIME_BENCHMARK = "Snakemake benchmark"
+TRAIN_TIME_TRAIN_JSON = "train.json"
 
 
 def table_fid(inputs, out_md, out_csv=None):
-    """Table 2. ``inputs``: {dataset: {"fid": fid.json, "benchmark": train.tsv, "manifest":
+    """Table 2. ``inputs``: {dataset: {"fid": fid.json, "benchmark": train_diffusion.tsv, "manifest":
     manifest.json, "train_json": train.json, "sample_cfg": params[ds]["sample"] (fallback for the
-    sampler when no manifest exists)}}; any path may be missing. Training time is the training
+    sampler when no manifest exists)}}; any path may be missing. Training time is the train_diffusion
     rule's Snakemake benchmark (wall clock of the whole job); where no benchmark file exists (a run
-    through `dvc repro`) it is train.json's own wall clock."""
+    through `dvc repro`, which writes none) it is train.json's own wall clock of the training loop.
+    The column "training time from" says which, per row."""
     rows = []
     for ds, p in inputs.items():
         fid, kind = read_fid(p.get("fid"))
@@ -246,7 +275,11 @@ def table_fid(inputs, out_md, out_csv=None):
         sample_cfg = p.get("sample_cfg") or {}
         train = _load_if(p.get("train_json")) or {}
         bench = p.get("benchmark")
-        secs = read_benchmark_seconds(bench) if bench is not None and Path(bench).exists() else train.get("seconds")
+        if bench is not None and Path(bench).exists():
+            secs, source = read_benchmark_seconds(bench), TRAIN_TIME_BENCHMARK
+        else:
+            secs = train.get("seconds")
+            source = TRAIN_TIME_TRAIN_JSON if secs is not None else NOT_RUN
         variant = manifest.get("variant", sample_cfg.get("variant"))
         steps = manifest.get("steps", sample_cfg.get("steps"))
         rows.append({
@@ -257,13 +290,18 @@ def table_fid(inputs, out_md, out_csv=None):
             "train_steps": train.get("steps", NOT_RUN),
             "train_seconds": NOT_RUN if secs is None else round(secs, 1),
             "train_hms": NOT_RUN if secs is None else hms(secs),
+            "train_time_source": source,
             "device": train.get("device", manifest.get("device", NOT_RUN)),
             # raw numbers for tests and callers
             "_fid": fid, "_train_seconds": secs,
         })
     _write_tables(rows, TABLE_FID_COLUMNS, out_md, out_csv,
-                  "Table 2. FID of the finetuned models (features named), sampler and steps, and "
-                  "training time from the training rule's benchmark file.")
+                  "Table 2. FID of the finetuned models (features named: Inception or the reference "
+                  "ConvNet; the two are not comparable), sampler and steps, and training time: the "
+                  "wall clock of the train_diffusion job from Snakemake's benchmark file "
+                  "(benchmarks/{ds}/train_diffusion.tsv), or, where the run wrote none (dvc repro), "
+                  "the training loop's own clock from train.json; the column \"training time from\" "
+                  "says which.")
     return rows
 
 
@@ -271,13 +309,58 @@ def table_fid(inputs, out_md, out_csv=None):
 # Results across datasets; one summary table per dataset
 
 
-def _images_per_class(manifest, summary):
+def _count_range(counts):
+    lo, hi = min(counts), max(counts)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def _manifest_counts(manifest):
     per_class = (manifest or {}).get("per_class")
-    if per_class:
-        counts = list(per_class.values()) if isinstance(per_class, dict) else list(per_class)
-        lo, hi = min(counts), max(counts)
-        return str(lo) if lo == hi else f"{lo}–{hi}"
-    return NOT_RUN
+    if not per_class:
+        return None
+    return list(per_class.values()) if isinstance(per_class, dict) else list(per_class)
+
+
+def _trained_per_class(summary, manifest):
+    """Images per class the ConvNet trained on (the selected set S), not what was sampled.
+
+    summary.json records the synthetic runs' per-class training counts (``per_class_train_counts``);
+    an older summary without them gives n_synthetic / K, K from the manifest's or the per-class
+    accuracies' class count ("≈" marks that it is an average)."""
+    block = summary.get("synthetic") or {}
+    counts = block.get("per_class_train_counts")
+    if counts:
+        return _count_range(counts)
+    n = summary.get("n_synthetic")
+    k = len(_manifest_counts(manifest) or (summary.get("per_class") or {}).get("synthetic") or [])
+    if n is None or not k:
+        return NOT_RUN
+    return str(n // k) if n % k == 0 else f"≈{n / k:.1f}"
+
+
+def _sampled(manifest):
+    counts = _manifest_counts(manifest)
+    if not counts:
+        return NOT_RUN
+    return f"{sum(counts)} ({_count_range(counts)} / class)"
+
+
+def n_seeds(summary):
+    """Seeds per evaluated set: one int when every set has the same count, else {set: count}."""
+    counts = {k: len(summary[k].get("runs", [])) for k in EVAL_SETS if summary.get(k)}
+    values = set(counts.values())
+    return values.pop() if len(values) == 1 else counts
+
+
+def _seeds_cell(seeds):
+    return str(seeds) if isinstance(seeds, int) else ", ".join(f"{k}: {n}" for k, n in seeds.items())
+
+
+def std_note(seeds):
+    """The sentence every table prints under ±."""
+    if isinstance(seeds, dict):
+        seeds = ", ".join(f"{n} for {k}" for k, n in seeds.items())
+    return f"± is the population standard deviation (ddof = 0) over the seeds ({seeds} seeds)."
 
 
 def _gain_gap(summary):
@@ -295,7 +378,9 @@ TABLE_RESULTS_COLUMNS = [
     ("dataset", "dataset"), ("synthetic", "synthetic acc (mean ± std)"),
     ("random_real", "random real, same count"), ("full_real", "full real"),
     ("gain_over_random", "gain over random"), ("gap_to_full", "gap to full"),
-    ("n_synthetic", "synthetic images"), ("images_per_class", "images / class"),
+    ("seeds", "seeds"),
+    ("n_synthetic", "synthetic images the ConvNet trained on"), ("images_per_class", "of them per class"),
+    ("sampled", "images sampled (per class)"),
     ("sampling_seconds", "sampling time (s)"), ("images_per_second", "images / s"), ("fid", "FID"),
 ]
 
@@ -319,17 +404,24 @@ def table_results(inputs, out_md, out_csv=None):
             "full_real": _pm(summary.get("full_real")),
             "gain_over_random": NOT_RUN if gain is None else f"{gain:+.4f}",
             "gap_to_full": NOT_RUN if gap is None else f"{gap:+.4f}",
-            "n_synthetic": summary.get("n_synthetic", (manifest or {}).get("count", NOT_RUN)),
-            "images_per_class": _images_per_class(manifest, summary),
+            "seeds": _seeds_cell(n_seeds(summary)),
+            # What the ConvNet trained on (the selected set), never the sampled count: selection keeps
+            # a subset, and the sampled count is its own column.
+            "n_synthetic": summary.get("n_synthetic", NOT_RUN),
+            "images_per_class": _trained_per_class(summary, manifest),
+            "sampled": _sampled(manifest),
             "sampling_seconds": NOT_RUN if not manifest else round(float(manifest["seconds"]), 1),
             "images_per_second": NOT_RUN if not manifest else round(float(manifest["images_per_second"]), 1),
             "fid": NOT_RUN if fid is None else f"{fid:.2f} ({kind})",
             "_synthetic_mean": (summary.get("synthetic") or {}).get("mean"),
         })
+    seeds = sorted({r["seeds"] for r in rows if r["seeds"] != NOT_RUN}, key=str)
     _write_tables(rows, TABLE_RESULTS_COLUMNS, out_md, out_csv,
-                  "Results. ConvNet test accuracy when trained on the generated images only, against "
-                  "a random real subset of the same size per class and the full real training split "
-                  "(same recipe, same seeds).")
+                  "Results. ConvNet test accuracy when trained on the generated images only (the selected "
+                  "set: \"synthetic images the ConvNet trained on\"; \"images sampled\" is what the "
+                  "diffusion model generated before selection), against a random real subset of the same "
+                  "size per class and the full real training split (same recipe, same seeds). "
+                  + std_note(" or ".join(seeds) if seeds else "no"))
     return rows
 
 
@@ -348,14 +440,18 @@ def table_summary(summary_json, out_md, dataset=None):
         b = s.get(key)
         if b is None:
             continue
-        rows.append({"set": key, "mean": f"{b['mean']:.4f}", "std": f"{b.get('std', 0.0):.4f}",
+        rows.append({"set": key, "mean": f"{b['mean']:.4f}", "std": f"± {b.get('std', 0.0):.4f}",
                      "runs": ", ".join(f"{_run_accuracy(r):.4f}" for r in b.get("runs", [])),
                      "n": len(b.get("runs", []))})
     md = [f"# {ds}: ConvNet test accuracy\n\n",
-          markdown_table(rows, [("set", "training set"), ("mean", "mean"), ("std", "std"),
+          markdown_table(rows, [("set", "training set"), ("mean", "mean"),
+                                ("std", "± (population std over the seeds)"),
                                 ("runs", "runs (one per seed)"), ("n", "seeds")])]
     gain, gap = _gain_gap(s)
-    md.append(f"\nSynthetic images: {s.get('n_synthetic', 'unknown')}. "
+    counts = (s.get("synthetic") or {}).get("per_class_train_counts")
+    per = f" ({_count_range(counts)} per class)" if counts else ""
+    md.append(f"\n{std_note(n_seeds(s))}\n\nSynthetic images the ConvNet trained on: "
+              f"{s.get('n_synthetic', 'unknown')}{per}. "
               f"Gain over random real: {_fmt(gain)}. Gap to full real: {_fmt(gap)}.\n")
     per_class = s.get("per_class") or {}
     if per_class:
@@ -372,22 +468,38 @@ def table_summary(summary_json, out_md, dataset=None):
     return {"rows": rows, "gain_over_random": gain, "gap_to_full": gap, "per_class": per_class}
 
 
+# ``dvc metrics show`` prints ONE table: a row per metrics file, a column per key of any of them. So the
+# project has one metrics file per dataset (results/{ds}/metrics.json, dag.METRICS_SUFFIXES) holding
+# the same few numeric keys: a row per dataset, columns shared, within 120 terminal columns. Everything
+# else (per-seed runs, per-class accuracy, the audit's distances and definitions, the sweep's curve)
+# stays in the detailed JSONs beside it, which are plain outputs.
+METRIC_KEYS = ("synthetic_acc", "synthetic_std", "random_real_acc", "full_real_acc")
+
+
+def dataset_metrics(summary, fid_path=None):
+    """The numbers ``dvc metrics show`` prints for one dataset: the ConvNet's mean test accuracy on
+    the synthetic set (and its population std over seeds), on the two real baselines, and the FID
+    named by its features (``fid_inception`` and ``fid_convnet`` are different quantities)."""
+    m = {}
+    for k in EVAL_SETS:
+        if summary.get(k):
+            m[f"{k}_acc"] = float(summary[k]["mean"])
+    if summary.get("synthetic"):
+        m["synthetic_std"] = float(summary["synthetic"].get("std", 0.0))
+    m = {k: m[k] for k in METRIC_KEYS if k in m}
+    fid, kind = read_fid(fid_path)
+    if fid is not None:
+        m[f"fid_{kind.lower()}"] = fid
+    return m
+
+
 def metrics(inputs):
-    """Flat numbers per dataset for ``dvc metrics show`` (only datasets that were run)."""
+    """{dataset: dataset_metrics} for the datasets that were run (those with a summary.json)."""
     out = {}
     for ds, p in inputs.items():
         summary = _load_if(p.get("summary"))
-        if summary is None:
-            continue
-        m = {f"{k}_acc": summary[k]["mean"] for k in EVAL_SETS if summary.get(k)}
-        m.update({f"{k}_std": summary[k].get("std", 0.0) for k in EVAL_SETS if summary.get(k)})
-        fid, kind = read_fid(p.get("fid"))
-        if fid is not None:
-            m[f"fid_{kind.lower()}"] = fid
-        manifest = _load_if(p.get("manifest"))
-        if manifest:
-            m["images_per_second"] = manifest["images_per_second"]
-        out[ds] = m
+        if summary is not None:
+            out[ds] = dataset_metrics(summary, p.get("fid"))
     return out
 
 
@@ -395,10 +507,15 @@ def metrics(inputs):
 # Figures
 
 
-def fig_fid_curve(curves, out, kinds=None):
+FID_KIND_NAMES = {"inception": "Inception", "convnet": "ConvNet"}
+
+
+def fig_fid_curve(curves, out, kinds=None, return_axes=False):
     """Fig. 3: FID against training step. ``curves``: {dataset: fid_curve.csv}; missing files are
-    left out (and listed as not run in the title). Returns {dataset: {"step", "fid"}}."""
-    kinds = kinds or {}
+    left out (and listed as not run in the title). ``kinds``: {dataset: "inception" | "convnet"}
+    (params' fid.features), named on the axis. Returns {dataset: {"step", "fid"}}, or with
+    ``return_axes`` {"curves": that, "ylabel": the y-axis label}."""
+    kinds = {ds: FID_KIND_NAMES.get(str(k).lower(), k) for ds, k in (kinds or {}).items()}
     data, missing = {}, []
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for ds, path in curves.items():
@@ -410,7 +527,12 @@ def fig_fid_curve(curves, out, kinds=None):
         kind = f" ({kinds[ds]} features)" if ds in kinds else ""
         ax.plot(c["step"], c["fid"], marker="o", ms=3, label=f"{label(ds)}{kind}")
     ax.set_xlabel("training step")
-    ax.set_ylabel("FID")
+    # FID with Inception features and FID with the reference ConvNet's features are different
+    # quantities: the axis names the one it shows (or defers to the legend when lines differ).
+    shown = {kinds.get(ds) for ds in data}
+    ylabel = f"FID ({shown.pop()} features)" if len(shown) == 1 and None not in shown else \
+        "FID (features per line, see legend)"
+    ax.set_ylabel(ylabel)
     ax.set_title("FID during finetuning")
     if data:
         ax.legend(fontsize=8)
@@ -418,7 +540,7 @@ def fig_fid_curve(curves, out, kinds=None):
         ax.text(0.99, 0.98, NOT_RUN + ": " + ", ".join(label(d) for d in missing), transform=ax.transAxes,
                 ha="right", va="top", fontsize=7, color="0.4")
     _save_fig(fig, out)
-    return data
+    return {"curves": data, "ylabel": ylabel} if return_axes else data
 
 
 def _summary_block(source):
@@ -430,51 +552,92 @@ def _summary_block(source):
 
 
 def fig_leaderboard(measured, out):
-    """Fig. 4: the Track 2 leaderboard as grouped bars (one group per dataset, one bar per team), plus
-    this project's accuracy as its own hatched bar marked "ours". ``measured``: {dataset:
+    """Fig. 4: the Track 2 leaderboard as grouped bars (one group per challenge dataset, one bar per
+    team) plus this project's accuracy as its own hatched bar marked "ours". ``measured``: {dataset:
     summary.json path or dict or None}. A challenge dataset missing from ``measured`` (or whose
-    summary does not exist) shows the text "not run" in place of our bar, never a number. Datasets
-    outside the challenge (e.g. digits) get a group with only our bar.
+    summary does not exist) shows the text "not run" in place of our bar, never a number.
 
-    Returns {"groups": [...], "bars": [{"group", "label", "value", "std", "ours"}], "not_run": [...]}.
+    Datasets outside the challenge (digits) are not on the leaderboard's axis: a 0.92 on 8×8 digits
+    beside 0.38 on CIFAR-100 would dwarf the challenge's bars and invite a comparison that means
+    nothing. They get a panel of their own to the right, titled as not part of the challenge.
+    Every value label sits above its bar and error bar, horizontally; the returned ``collisions``
+    (label/label and label/bar overlaps in the drawn figure) is empty.
+
+    Returns {"groups", "panels": {"challenge": [...], "other": [...]}, "bars": [{"group", "label",
+    "value", "std", "ours"}], "not_run", "labels": [text], "collisions": [(what, what)]}.
     """
-    groups = list(LEADERBOARD_DATASETS) + [d for d in measured if d not in LEADERBOARD_DATASETS]
+    challenge = list(LEADERBOARD_DATASETS)
+    other = [d for d in measured if d not in LEADERBOARD_DATASETS]
+    groups = challenge + other
     teams = list(LEADERBOARD)
     width = 0.8 / (len(teams) + 1)
-    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(groups), 3.8))
+    ratios = [2.2 * len(challenge)] + ([1.2 * len(other)] if other else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(2.0 + sum(ratios), 4.0), squeeze=False,
+                             gridspec_kw={"width_ratios": ratios})
+    ax, ax_other = axes[0, 0], (axes[0, 1] if other else None)
     cmap = plt.get_cmap("Blues")
-    bars, not_run = [], []
-    for gi, ds in enumerate(groups):
-        if ds in LEADERBOARD_DATASETS:
-            col = LEADERBOARD_DATASETS.index(ds)
-            for ti, team in enumerate(teams):
-                x = gi - 0.4 + width * (ti + 0.5)
-                v = LEADERBOARD[team][col]
-                ax.bar(x, v, width, color=cmap(0.3 + 0.15 * ti), edgecolor="black", linewidth=0.5,
-                       label=team if gi == 0 else None)
-                bars.append({"group": ds, "label": team, "value": v, "std": None, "ours": False})
-        x_ours = gi - 0.4 + width * (len(teams) + 0.5)
+    bars, not_run, value_texts, bar_patches = [], [], [], []
+
+    def ours_bar(a, x, w, ds, first):
         block = _summary_block(measured.get(ds))
         if block is None:
             not_run.append(ds)
-            ax.text(x_ours, 0.01, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
-        else:
-            ax.bar(x_ours, block["mean"], width, yerr=block.get("std", 0.0), color="tab:red", hatch="//",
-                   edgecolor="black", linewidth=0.5, capsize=2, label="ours" if "ours" not in
-                   [b["label"] for b in bars] else None)
-            ax.text(x_ours, block["mean"] + block.get("std", 0.0) + 0.01, f"{block['mean']:.3f}",
-                    ha="center", va="bottom", fontsize=7, rotation=90)
-            bars.append({"group": ds, "label": "ours", "value": block["mean"], "std": block.get("std", 0.0),
-                         "ours": True})
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([label(d) + ("" if d in LEADERBOARD_DATASETS else "\n(not in challenge)") for d in groups])
+            t = a.text(x, 0.01, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
+            value_texts.append(t)
+            return 0.0
+        std = block.get("std", 0.0)
+        rect = a.bar(x, block["mean"], w, yerr=std, color="tab:red", hatch="//", edgecolor="black",
+                     linewidth=0.5, capsize=2, label="ours (mean ± std over seeds)" if first else None)
+        bar_patches.extend(rect.patches)
+        # offset in points above the error bar's cap, so the label never touches it at any y scale
+        t = a.annotate(f"{block['mean']:.3f}", (x, block["mean"] + std), xytext=(0, 3),
+                       textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        value_texts.append(t)
+        bars.append({"group": ds, "label": "ours", "value": block["mean"], "std": std, "ours": True})
+        return block["mean"] + std
+
+    top = 0.0
+    for gi, ds in enumerate(challenge):
+        col = LEADERBOARD_DATASETS.index(ds)
+        for ti, team in enumerate(teams):
+            x = gi - 0.4 + width * (ti + 0.5)
+            v = LEADERBOARD[team][col]
+            rect = ax.bar(x, v, width, color=cmap(0.3 + 0.15 * ti), edgecolor="black", linewidth=0.5,
+                          label=team if gi == 0 else None)
+            bar_patches.extend(rect.patches)
+            bars.append({"group": ds, "label": team, "value": v, "std": None, "ours": False})
+            top = max(top, v)
+        x_ours = gi - 0.4 + width * (len(teams) + 0.5)
+        top = max(top, ours_bar(ax, x_ours, width, ds, first=not any(b["ours"] for b in bars)))
+    ax.set_xticks(range(len(challenge)))
+    ax.set_xticklabels([label(d) for d in challenge])
     ax.set_ylabel("test accuracy")
     ax.set_xlabel("dataset")
-    ax.set_ylim(0, 1.05 if any(b["ours"] and b["value"] > 0.45 for b in bars) else 0.5)
-    ax.set_title("Track 2 leaderboard (ECCV 2024 DD challenge) and ours")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(0, top * 1.25 + 0.02)  # headroom for the value labels and the legend
+    ax.set_title("Track 2 leaderboard (ECCV 2024 DD challenge) and ours", fontsize=10)
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+
+    if ax_other is not None:
+        top = 0.0
+        for gi, ds in enumerate(other):
+            top = max(top, ours_bar(ax_other, gi, 0.5, ds, first=False))
+        ax_other.set_xticks(range(len(other)))
+        ax_other.set_xticklabels([label(d) for d in other])
+        ax_other.set_xlim(-0.75, len(other) - 0.25)
+        ax_other.set_ylim(0, max(1.0, top * 1.1))
+        ax_other.set_ylabel("test accuracy (ours)")
+        ax_other.set_xlabel("ours: mean ± std over seeds", fontsize=8)
+        ax_other.set_title("not in the challenge\n(own axis; not comparable)", fontsize=9)
+
+    fig.tight_layout()
+    boxes = text_boxes(fig, value_texts)
+    patch_boxes = [r.get_window_extent() for r in bar_patches]
+    collisions = [("label", i, "label", j) for i, j in overlapping(boxes)]
+    collisions += [("label", i, "bar", j) for i, j in overlapping(boxes, patch_boxes)]
+    labels = [t.get_text() for t in value_texts]
     _save_fig(fig, out)
-    return {"groups": groups, "bars": bars, "not_run": not_run}
+    return {"groups": groups, "panels": {"challenge": challenge, "other": other}, "bars": bars,
+            "not_run": not_run, "labels": labels, "collisions": collisions}
 
 
 def class_grid_count(num_classes, per_grid=100):
@@ -490,18 +653,41 @@ def class_grid_paths(ds, num_classes, fig_dir, per_grid=100, ext="png"):
     return [fig_dir / f"{ds}_classes_{i + 1}.{ext}" for i in range(n)]
 
 
-def fig_class_grid(samples, out_paths, per_grid=100, cols=10):
-    """Figs. 5-7: one generated image per class (the first of that class in the file), in grids of
-    ``per_grid`` classes with their names (Tiny-ImageNet: two grids of 100).
+CLASS_LABEL_PT = 8  # class names at 8 pt at the saved size (savefig never rescales the figure)
+CLASS_LABEL_CHARS = 12  # per line: 12 characters at 8 pt fit a 1.1-inch cell
+
+
+def _cell_name(name):
+    """A class name in at most two lines of CLASS_LABEL_CHARS (long names end in "…")."""
+    import textwrap
+
+    lines = textwrap.wrap(name, CLASS_LABEL_CHARS, break_long_words=True) or [""]
+    if len(lines) > 2:
+        lines = [lines[0], lines[1][:CLASS_LABEL_CHARS - 1] + "…"]
+    return "\n".join(lines)
+
+
+def fig_class_grid(samples, out_paths, per_grid=100, cols=10, source="samples.npz"):
+    """Figs. 5-7: one generated image per class, in grids of ``per_grid`` classes with their names
+    (Tiny-ImageNet: two grids of 100). The image shown for a class is the FIRST image of that class
+    in the file (generation order; no picking by quality), and the figure's subtitle says so.
 
     The grid is drawn as one mosaic image with the names written under each cell (one Axes, not
-    one per class: a hundred Axes make matplotlib slow). ``samples``: samples.npz path or an
-    image-set dict. ``out_paths``: one path per grid (``class_grid_paths`` gives them). Returns one
-    dict per grid: {"path", "classes", "indices", "shape": (rows, cols)}; an index is None when the
-    class has no image (its cell stays blank)."""
+    one per class: a hundred Axes make matplotlib slow). Each cell is 1.1 inch wide and has a band
+    under the image for its name at ``CLASS_LABEL_PT``. ``samples``: samples.npz path or an
+    image-set dict; ``source``: how the subtitle names it. ``out_paths``: one path per grid
+    (``class_grid_paths`` gives them). Returns one dict per grid: {"path", "classes", "indices",
+    "shape": (rows, cols), "fontsizes", "subtitle", "collisions"}; an index is None when the class
+    has no image (its cell stays blank); ``collisions`` lists label/label and label/image overlaps
+    in the drawn figure (empty)."""
+    from matplotlib.transforms import Bbox
+
     from .io import load_npz
 
-    s = load_npz(samples) if not isinstance(samples, dict) else samples
+    if not isinstance(samples, dict):
+        source = Path(samples).name
+        samples = load_npz(samples)
+    s = samples
     images, labels, classes = s["images"], np.asarray(s["labels"]), [str(c) for c in s["classes"]]
     need = class_grid_count(len(classes), per_grid)
     if len(out_paths) != need:
@@ -509,35 +695,49 @@ def fig_class_grid(samples, out_paths, per_grid=100, cols=10):
                          f"{len(out_paths)}; build them with report.class_grid_paths()")
     _, h, w, c = images.shape
     pad = max(1, h // 8)
+    cell_in = 1.1                                   # inches per cell, across
+    units_per_in = (w + 2 * pad) / cell_in          # data units (pixels of the mosaic) per inch
+    # room for two lines of name (1.2 line spacing) and a gap, in pixels of the mosaic
+    band = int(math.ceil(3.0 * CLASS_LABEL_PT / 72 * units_per_in))
+    cell_h = h + 2 * pad + band
+    subtitle = (f"the first image of each class in {source} (generation order, not picked by quality)")
     grids = []
     for g, out in enumerate(out_paths):
         ks = list(range(g * per_grid, min(len(classes), (g + 1) * per_grid)))
         ncol = min(cols, len(ks))
         nrow = math.ceil(len(ks) / ncol)
-        # white canvas; each cell is the image plus a padding border
-        mosaic = np.full((nrow * (h + 2 * pad), ncol * (w + 2 * pad), c), 255, dtype=np.uint8)
-        fig, ax = plt.subplots(figsize=(1.1 * ncol, 1.25 * nrow))
-        indices = []
+        # white canvas; each cell is the image, a padding border and the band for its name
+        mosaic = np.full((nrow * cell_h, ncol * (w + 2 * pad), c), 255, dtype=np.uint8)
+        fig, ax = plt.subplots(figsize=(cell_in * ncol, cell_in * ncol * nrow * cell_h / mosaic.shape[1] + 0.6))
+        indices, texts, cells = [], [], []
         for cell, k in enumerate(ks):
             r, q = divmod(cell, ncol)
             where = np.flatnonzero(labels == k)
             idx = int(where[0]) if len(where) else None
             indices.append(idx)
-            y0, x0 = r * (h + 2 * pad) + pad, q * (w + 2 * pad) + pad
+            y0, x0 = r * cell_h + pad, q * (w + 2 * pad) + pad
             if idx is not None:
                 mosaic[y0:y0 + h, x0:x0 + w] = images[idx]
-            name = classes[k] if len(classes[k]) <= 14 else classes[k][:13] + "…"
-            ax.text(x0 + w / 2, y0 + h + pad * 0.6, name if idx is not None else f"{name} (none)",
-                    ha="center", va="top", fontsize=5)
+            cells.append((x0, y0))
+            name = _cell_name(classes[k])
+            texts.append(ax.text(x0 + w / 2, y0 + h + pad, name if idx is not None else f"{name} (none)",
+                                 ha="center", va="top", fontsize=CLASS_LABEL_PT))
         if c == 1:
             ax.imshow(mosaic[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             ax.imshow(mosaic, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(f"One generated image per class (classes {ks[0]}–{ks[-1]})", fontsize=8)
+        ax.set_title(f"One generated image per class (classes {ks[0]}–{ks[-1]})\n{subtitle}", fontsize=9)
+        boxes = text_boxes(fig, texts)
+        to_px = ax.transData
+        img_boxes = [Bbox(to_px.transform([[x0 - 0.5, y0 + h - 0.5], [x0 + w - 0.5, y0 - 0.5]]))
+                     for x0, y0 in cells]
+        collisions = overlapping(boxes) + [(i, j) for i, j in overlapping(boxes, img_boxes)]
+        fontsizes = [t.get_fontsize() for t in texts]
         _save_fig(fig, out)
         grids.append({"path": str(out), "classes": [classes[k] for k in ks], "indices": indices,
-                      "shape": (nrow, ncol)})
+                      "shape": (nrow, ncol), "fontsizes": fontsizes, "subtitle": subtitle,
+                      "collisions": collisions})
     return grids
 
 
@@ -547,16 +747,24 @@ def _downsample(n, max_points):
 
 def fig_loss_curves(loss_csv, out, eval_jsons=(), title=None):
     """Training curves of one dataset: the diffusion loss (raw and a moving average, log scale) from
-    ``loss.csv``; with ``eval_jsons``, a second panel of the ConvNet's per-epoch loss for each
-    evaluation run. Returns {"diffusion": {"step", "loss", "smoothed"}, "convnet": {name: [...]}}."""
+    ``loss.csv``; with ``eval_jsons``, a second panel of the ConvNet's per-epoch loss for EVERY
+    evaluation run: one colour per set, one line style per seed. Returns {"diffusion": {"step",
+    "loss", "smoothed"}, "convnet": {"{set}_seed{s}": [...]}, "lines": number of ConvNet lines drawn}."""
     c = read_csv_columns(loss_csv)
     step, loss = c["step"], c["loss"]
     win = max(1, len(loss) // 50)
     smoothed = np.convolve(loss, np.ones(win) / win, mode="valid") if len(loss) else loss
-    runs = {}
+    runs, seeds_of = {}, {}
     for p in eval_jsons:
         r = load_json(p)
-        runs[r.get("name", Path(p).stem)] = list(r.get("loss_curve", []))
+        # An evaluation JSON's "name" is its set (synthetic, random_real, full_real), the same for
+        # every seed: keyed by the name alone, each seed overwrote the last and one curve per set
+        # was drawn. The key is set and seed (the file stem when a run lacks either).
+        name, seed = r.get("name"), r.get("seed")
+        key = f"{name}_seed{seed}" if name in EVAL_SETS and seed is not None else Path(p).stem
+        if key in runs:
+            raise ValueError(f"{p}: a second evaluation run named {key}; pass each run once")
+        runs[key] = list(r.get("loss_curve", []))
     ncols = 2 if runs else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.5), squeeze=False)
     ax = axes[0, 0]
@@ -571,16 +779,25 @@ def fig_loss_curves(loss_csv, out, eval_jsons=(), title=None):
     if runs:
         ax2 = axes[0, 1]
         colors = {"synthetic": "tab:red", "random_real": "tab:green", "full_real": "tab:blue"}
+        styles = ["-", "--", ":", "-."]
+        seed_rank = {}
+        for name in sorted(runs):
+            kind = next((k for k in colors if name.startswith(k)), None)
+            seed_rank.setdefault(kind, []).append(name)
         for name, curve in sorted(runs.items()):
             kind = next((k for k in colors if name.startswith(k)), None)
-            ax2.plot(np.arange(1, len(curve) + 1), curve, lw=0.9, color=colors.get(kind), label=name)
+            ls = styles[seed_rank[kind].index(name) % len(styles)]
+            ax2.plot(np.arange(1, len(curve) + 1), curve, lw=0.9, ls=ls, color=colors.get(kind),
+                     label=name.replace("_seed", ", seed "))
         ax2.set_xlabel("epoch")
         ax2.set_ylabel("ConvNet training loss")
-        ax2.set_title("ConvNet training (evaluation runs)")
-        ax2.legend(fontsize=6)
+        ax2.set_title(f"ConvNet training ({len(runs)} evaluation runs, every seed)")
+        top = max((max(c) for c in runs.values() if len(c)), default=1.0)
+        ax2.set_ylim(0, top * 1.45)  # headroom: the legend sits above the curves, not on them
+        ax2.legend(fontsize=6, ncol=max(1, len(seed_rank)), loc="upper right")
     _save_fig(fig, out)
     return {"diffusion": {"step": step.tolist(), "loss": loss.tolist(), "smoothed": smoothed.tolist()},
-            "convnet": runs}
+            "convnet": runs, "lines": len(axes[0, 1].get_lines()) if runs else 0}
 
 
 def write_plot_csv(columns, out, max_points=2000):
@@ -635,8 +852,12 @@ def build_report(params, datasets, root=".", out_dir="results"):
     table_results(paths, tables / "results.md", tables / "results.csv")
     built += [tables / "fid.md", tables / "fid.csv", tables / "results.md", tables / "results.csv"]
 
-    save_json(out_dir / "metrics.json", metrics(paths))
-    built.append(out_dir / "metrics.json")
+    for ds, m in metrics({ds: paths[ds] for ds in datasets}).items():
+        save_json(out_dir / ds / "metrics.json", m)
+        built.append(out_dir / ds / "metrics.json")
+    for ds in datasets:
+        if not paths[ds]["summary"].exists():
+            skip(f"{ds} metrics", f"{paths[ds]['summary']} missing (dataset not run)")
 
     kinds = {ds: params[ds].get("fid", {}).get("features") for ds in all_ds if params.get(ds, {}).get("fid")}
     fig_fid_curve({ds: paths[ds]["fid_curve"] for ds in datasets}, figures / "fid_curve.png",
@@ -654,7 +875,7 @@ def build_report(params, datasets, root=".", out_dir="results"):
 
             s = load_npz(p["samples"])
             outs = class_grid_paths(ds, len(s["classes"]), figures)
-            fig_class_grid(s, outs)
+            fig_class_grid(s, outs, source=f"synthetic/{ds}/samples.npz")
             built += outs
         else:
             skip(f"{ds} class grid", f"{p['samples']} missing (dataset not run)")
