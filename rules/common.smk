@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run from a checkout without installing
 
 from diffdistill.config import validate as validate_params
-from diffdistill.dag import STEP_PARAMS, param_value
+from diffdistill.dag import STEP_PARAMS, STEP_THREADS, param_value
 from diffdistill.data import ARCHIVES, archive_name
 
 # The CLI reads params.yaml plus any --configfile overrides, in the order Snakemake merged them.

@@ -11,18 +11,19 @@ rule download_data:
     output:
         "data/downloads/{ds}/{archive}",
     params:
+        threads=STEP_THREADS["download_data"],
         files=PARAMS_ARGS,
         values=step_values("download_data"),
     log:
         "logs/{ds}/download_data_{archive}.log",
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["download_data"]
     resources:
         mem_mb=1000,
         runtime=120,
     shell:
-        "python -m diffdistill download {params.files} --dataset {wildcards.ds} --out {output} --log-file {log}"
+        "python -m diffdistill download {params.files} --dataset {wildcards.ds} --out {output} --threads {params.threads} --log-file {log}"
 
 
 rule prepare_data:
@@ -32,6 +33,7 @@ rule prepare_data:
         train="data/{ds}/train.npz",
         test="data/{ds}/test.npz",
     params:
+        threads=STEP_THREADS["prepare_data"],
         files=PARAMS_ARGS,
         values=step_values("prepare_data"),
         archive=lambda w, input: f"--archive {input.archive}" if input.archive else "",
@@ -41,13 +43,13 @@ rule prepare_data:
         "benchmarks/{ds}/prepare_data.tsv"
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["prepare_data"]
     resources:
         mem_mb=8000,
         runtime=60,
     shell:
         "python -m diffdistill prepare {params.files} --dataset {wildcards.ds} {params.archive}"
-        " --out data/{wildcards.ds} --log-file {log}"
+        " --out data/{wildcards.ds} --threads {params.threads} --log-file {log}"
 
 
 # A ConvNet trained on the real training split: its features give fid_convnet, the feature space of
@@ -58,6 +60,7 @@ rule reference_classifier:
     output:
         "data/{ds}/classifier.pt",
     params:
+        threads=STEP_THREADS["reference_classifier"],
         files=PARAMS_ARGS,
         values=step_values("reference_classifier"),
     log:
@@ -66,13 +69,13 @@ rule reference_classifier:
         "benchmarks/{ds}/reference_classifier.tsv"
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["reference_classifier"]
     resources:
         mem_mb=8000,
         **gpu_job("reference_classifier", runtime=240),
     shell:
         "python -m diffdistill classifier {params.files} --dataset {wildcards.ds}"
-        " --train {input} --out {output} --log-file {log}"
+        " --train {input} --out {output} --threads {params.threads} --log-file {log}"
 
 
 rule fid_stats:
@@ -83,6 +86,7 @@ rule fid_stats:
     output:
         "data/{ds}/fid_stats.npz",
     params:
+        threads=STEP_THREADS["fid_stats"],
         files=PARAMS_ARGS,
         values=step_values("fid_stats"),
         classifier=lambda w, input: f"--classifier {input.classifier}" if input.classifier else "",
@@ -92,10 +96,10 @@ rule fid_stats:
         "benchmarks/{ds}/fid_stats.tsv"
     conda:
         ENV
-    threads: 2
+    threads: STEP_THREADS["fid_stats"]
     resources:
         mem_mb=16000,
         **gpu_job("fid_stats", runtime=120),
     shell:
         "python -m diffdistill fid-stats {params.files} --dataset {wildcards.ds}"
-        " --train {input.train} {params.classifier} --out {output} --log-file {log}"
+        " --train {input.train} {params.classifier} --out {output} --threads {params.threads} --log-file {log}"

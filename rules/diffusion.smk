@@ -13,6 +13,7 @@ rule train_diffusion:
         fid_curve="checkpoints/{ds}/fid_curve.csv",
         summary="checkpoints/{ds}/train.json",
     params:
+        threads=STEP_THREADS["train_diffusion"],
         files=PARAMS_ARGS,
         values=step_values("train_diffusion"),
         launcher=lambda w: (f"torchrun --standalone --nproc_per_node {gpus(w.ds, 'train')} -m diffdistill"
@@ -23,10 +24,10 @@ rule train_diffusion:
         "benchmarks/{ds}/train_diffusion.tsv"
     conda:
         ENV
-    threads: 2
+    threads: STEP_THREADS["train_diffusion"]
     resources:
         mem_mb=32000,
         **gpu_job("train_diffusion", runtime=2880),
     shell:
         "{params.launcher} train {params.files} --dataset {wildcards.ds}"
-        " --data data/{wildcards.ds} --fid-stats {input.fid_stats} --out checkpoints/{wildcards.ds} --log-file {log}"
+        " --data data/{wildcards.ds} --fid-stats {input.fid_stats} --out checkpoints/{wildcards.ds} --threads {params.threads} --log-file {log}"

@@ -12,6 +12,7 @@ rule evaluate:
     output:
         "results/{ds}/eval/{set}_seed{seed}.json",
     params:
+        threads=STEP_THREADS["evaluate"],
         files=PARAMS_ARGS,
         values=step_values("evaluate"),
         like=lambda w, input: f"--like {input.like}" if input.like else "",
@@ -21,7 +22,7 @@ rule evaluate:
         "benchmarks/{ds}/evaluate_{set}_seed{seed}.tsv"
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["evaluate"]
     resources:
         mem_mb=8000,
         **gpu_job("evaluate", runtime=240),
@@ -29,7 +30,7 @@ rule evaluate:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} --train {input.train} {params.like} --test {input.test}"
         " --out {output} --state checkpoints/{wildcards.ds}/eval/{wildcards.set}_seed{wildcards.seed}.pt"
-        " --log-file {log}"
+        " --threads {params.threads} --log-file {log}"
 
 
 rule summarize:
@@ -40,18 +41,19 @@ rule summarize:
         summary="results/{ds}/summary.json",
         table=report("results/tables/{ds}_summary.md", caption="../report/summary.rst", category="Tables"),
     params:
+        threads=STEP_THREADS["summarize"],
         files=PARAMS_ARGS,
     log:
         "logs/{ds}/summarize.log",
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["summarize"]
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
         "python -m diffdistill summarize {params.files} --dataset {wildcards.ds} --runs {input}"
-        " --out {output.summary} --table {output.table} --log-file {log}"
+        " --out {output.summary} --table {output.table} --threads {params.threads} --log-file {log}"
 
 
 rule fid:
@@ -61,6 +63,7 @@ rule fid:
     output:
         "results/{ds}/fid.json",
     params:
+        threads=STEP_THREADS["fid"],
         files=PARAMS_ARGS,
         values=step_values("fid"),
     log:
@@ -69,13 +72,13 @@ rule fid:
         "benchmarks/{ds}/fid.tsv"
     conda:
         ENV
-    threads: 2
+    threads: STEP_THREADS["fid"]
     resources:
         mem_mb=16000,
         **gpu_job("fid", runtime=120),
     shell:
         "python -m diffdistill fid {params.files} --dataset {wildcards.ds} --samples {input.samples}"
-        " --stats {input.stats} --out {output} --log-file {log}"
+        " --stats {input.stats} --out {output} --threads {params.threads} --log-file {log}"
 
 
 # Beyond the paper: accuracy against images per class. Sampling ran once at the largest size;
@@ -88,6 +91,7 @@ rule sweep_evaluate:
     output:
         "results/{ds}/sweep/{set}_ipc{n}_seed{seed}.json",
     params:
+        threads=STEP_THREADS["sweep_evaluate"],
         files=PARAMS_ARGS,
         values=step_values("sweep_evaluate"),
         source=lambda w, input: (f"--train {input.samples}" if w.set == "synthetic"
@@ -98,7 +102,7 @@ rule sweep_evaluate:
         "benchmarks/{ds}/sweep_{set}_ipc{n}_seed{seed}.tsv"
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["sweep_evaluate"]
     resources:
         mem_mb=8000,
         **gpu_job("sweep_evaluate", runtime=240),
@@ -106,7 +110,7 @@ rule sweep_evaluate:
         "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
         " --seed {wildcards.seed} {params.source} --images-per-class {wildcards.n} --test {input.test}"
         " --out {output} --state checkpoints/{wildcards.ds}/sweep/{wildcards.set}_ipc{wildcards.n}_seed{wildcards.seed}.pt"
-        " --log-file {log}"
+        " --threads {params.threads} --log-file {log}"
 
 
 rule sweep_summary:
@@ -120,18 +124,19 @@ rule sweep_summary:
         summary="results/{ds}/sweep.json",
         figure=report("results/figures/{ds}_sweep.png", caption="../report/sweep.rst", category="Beyond the paper"),
     params:
+        threads=STEP_THREADS["sweep_summary"],
         files=PARAMS_ARGS,
     log:
         "logs/{ds}/sweep_summary.log",
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["sweep_summary"]
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
         "python -m diffdistill sweep {params.files} --dataset {wildcards.ds} --manifest {input.manifest}"
-        " --runs {input.runs} --out {output.summary} --figure {output.figure} --log-file {log}"
+        " --runs {input.runs} --out {output.summary} --figure {output.figure} --threads {params.threads} --log-file {log}"
 
 
 rule audit:
@@ -145,6 +150,7 @@ rule audit:
         hist=report("results/figures/{ds}_audit_distances.png", caption="../report/audit.rst", category="Beyond the paper"),
         pairs=report("results/figures/{ds}_audit_pairs.png", caption="../report/audit_pairs.rst", category="Beyond the paper"),
     params:
+        threads=STEP_THREADS["audit"],
         files=PARAMS_ARGS,
     log:
         "logs/{ds}/audit.log",
@@ -152,11 +158,11 @@ rule audit:
         "benchmarks/{ds}/audit.tsv"
     conda:
         ENV
-    threads: 2
+    threads: STEP_THREADS["audit"]
     resources:
         mem_mb=16000,
         **gpu_job("audit", runtime=120),
     shell:
         "python -m diffdistill audit {params.files} --dataset {wildcards.ds} --samples {input.samples}"
         " --train {input.train} --test {input.test} --classifier {input.classifier} --out {output.summary}"
-        " --hist {output.hist} --pairs {output.pairs} --log-file {log}"
+        " --hist {output.hist} --pairs {output.pairs} --threads {params.threads} --log-file {log}"

@@ -22,15 +22,16 @@ rule report:
         loss_plots=expand("results/plots/{ds}_diffusion_loss.csv", ds=DATASETS),
         fid_plots=expand("results/plots/{ds}_fid_curve.csv", ds=DATASETS),
     params:
+        threads=STEP_THREADS["report"],
         files=PARAMS_ARGS,
         datasets=" ".join(DATASETS),
     log:
         "logs/report.log",
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["report"]
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m diffdistill report {params.files} --datasets {params.datasets} --out results --log-file {log}"
+        "python -m diffdistill report {params.files} --datasets {params.datasets} --out results --threads {params.threads} --log-file {log}"

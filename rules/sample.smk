@@ -8,6 +8,7 @@ rule sample:
         samples="synthetic/{ds}/samples.npz",
         manifest="synthetic/{ds}/manifest.json",
     params:
+        threads=STEP_THREADS["sample"],
         files=PARAMS_ARGS,
         values=step_values("sample"),
     log:
@@ -16,13 +17,13 @@ rule sample:
         "benchmarks/{ds}/sample.tsv"
     conda:
         ENV
-    threads: 2
+    threads: STEP_THREADS["sample"]
     resources:
         mem_mb=16000,
         **gpu_job("sample", runtime=60),
     shell:
         "python -m diffdistill sample {params.files} --dataset {wildcards.ds}"
-        " --checkpoint {input.ema} --out synthetic/{wildcards.ds} --log-file {log}"
+        " --checkpoint {input.ema} --out synthetic/{wildcards.ds} --threads {params.threads} --log-file {log}"
 
 
 rule select:
@@ -32,6 +33,7 @@ rule select:
     output:
         "synthetic/{ds}/selected.npz",
     params:
+        threads=STEP_THREADS["select"],
         files=PARAMS_ARGS,
         values=step_values("select"),
         classifier=lambda w, input: f"--classifier {input.classifier}" if input.classifier else "",
@@ -39,13 +41,13 @@ rule select:
         "logs/{ds}/select.log",
     conda:
         ENV
-    threads: 2
+    threads: STEP_THREADS["select"]
     resources:
         mem_mb=16000,
         runtime=60,
     shell:
         "python -m diffdistill select {params.files} --dataset {wildcards.ds}"
-        " --samples {input.samples} {params.classifier} --out {output} --log-file {log}"
+        " --samples {input.samples} {params.classifier} --out {output} --threads {params.threads} --log-file {log}"
 
 
 rule export_challenge:
@@ -55,16 +57,17 @@ rule export_challenge:
         images="synthetic/{ds}/challenge/{ds}.pt",         # the name the challenge's evaluator loads
         labels="synthetic/{ds}/challenge/{ds}_labels.pt",
     params:
+        threads=STEP_THREADS["export_challenge"],
         files=PARAMS_ARGS,
         values=step_values("export_challenge"),
     log:
         "logs/{ds}/export_challenge.log",
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["export_challenge"]
     resources:
         mem_mb=8000,
         runtime=30,
     shell:
         "python -m diffdistill export {params.files} --dataset {wildcards.ds}"
-        " --samples {input} --out {output.images} --labels {output.labels} --log-file {log}"
+        " --samples {input} --out {output.images} --labels {output.labels} --threads {params.threads} --log-file {log}"

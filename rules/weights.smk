@@ -9,15 +9,16 @@ rule fetch_weights:
     output:
         "weights/{filename}",
     params:
+        threads=STEP_THREADS["fetch_weights"],
         name=lambda w: next(k for k, v in config["weights"].items() if v["filename"] == w.filename),
         files=PARAMS_ARGS,
     log:
         "logs/weights/{filename}.log",
     conda:
         ENV
-    threads: 1
+    threads: STEP_THREADS["fetch_weights"]
     resources:
         mem_mb=2000,
         runtime=60,
     shell:
-        "python -m diffdistill fetch-weights {params.files} --name {params.name} --out {output} --log-file {log}"
+        "python -m diffdistill fetch-weights {params.files} --name {params.name} --out {output} --threads {params.threads} --log-file {log}"

@@ -1,7 +1,7 @@
 """The two orchestrators name the same DAG: dvc.yaml is generated from Snakemake's jobs."""
 import yaml
 
-from diffdistill.dag import STEP_PARAMS, dvc_yaml, snakemake_jobs
+from diffdistill.dag import STEP_PARAMS, STEP_THREADS, dvc_yaml, snakemake_jobs
 from workflow import REPO, snakemake
 
 
@@ -22,6 +22,8 @@ def test_every_snakemake_job_is_a_dvc_stage_with_the_same_command_and_outputs():
                 for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
         assert sorted(outs) == sorted(job["output"])
         assert set(job["input"]) <= set(stage["deps"])
+        # the thread count is in the command: Snakemake's run and DVC's compute alike
+        assert f" --threads {STEP_THREADS[job['rule']]} " in f" {stage['cmd']} "
         ds = job["wildcards"].get("ds")
         if job["rule"] in STEP_PARAMS:
             assert stage["params"] == [f"{ds}.{k}" for k in STEP_PARAMS[job["rule"]]]

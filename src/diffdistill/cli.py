@@ -2,7 +2,8 @@
 
 Every step takes `--params` (params.yaml, then override files; later ones win), `--dataset` where it
 works on one, explicit input and output paths, and `--log-file` (a copy of its log lines; not `--log`,
-which torchrun would take as an abbreviation of its own `--log-dir`).
+which torchrun would take as an abbreviation of its own `--log-dir`), and `--threads`, the CPU threads
+the step computes with (Snakemake's rules and the dvc.yaml generated from them pass the same count).
 """
 import argparse
 import logging
@@ -31,9 +32,25 @@ class _WithoutTraceback(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
+# `log.info(..., extra=HEADLINE)`: the one line of a finished step that also reaches the console
+# when a log file takes the rest.
+HEADLINE = {"headline": True}
+
+
+def _console_worthy(record):
+    return record.levelno >= logging.WARNING or getattr(record, "headline", False)
+
+
 def _setup_logging(log_path):
     """Log lines to the console and, with --log-file, to that file; returns the log file's path or None.
-    Under torchrun every process but rank 0 writes beside it (``LOG.rank1`` …)."""
+    Under torchrun every process but rank 0 writes beside it (``LOG.rank1`` …).
+
+    With a log file (every Snakemake job has one, and several jobs share one terminal) the file gets
+    every line and the console only warnings, errors and the step's headline; without one the console
+    gets every line. Progress bars only when stderr is a terminal and no log file is named
+    (progress.py); otherwise progress is log lines."""
+    from . import progress
+
     console = logging.StreamHandler(sys.stderr)
     handlers, path = [console], None
     if log_path:
@@ -42,8 +59,36 @@ def _setup_logging(log_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="w"))
         console.setFormatter(_WithoutTraceback(FORMAT))  # tracebacks go to the file only
+        console.addFilter(_console_worthy)
     logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers, force=True)
+    progress.configure(bars=not log_path and progress.stderr_is_terminal())
     return path
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _set_threads(n):
+    """Compute with ``n`` CPU threads, before any work. The trained weights depend on the thread count
+    (the order of floating-point sums), so the count is part of the command: Snakemake's rules pass
+    their `threads:` and dvc.yaml, generated from them, the same. The environment carries it to child
+    processes (torchrun's workers, spawned sampling workers)."""
+    if n is None:
+        return
+    for var in THREAD_VARIABLES:
+        os.environ[var] = str(n)
+    import torch
+    torch.set_num_threads(n)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of threads, 1 or more; got {text!r}")
+    return value
 
 
 def _params(args):
@@ -81,19 +126,23 @@ def _archive_path(args, data_cfg):
 def cmd_download(args):
     from .data import download
     data_cfg = _block(args)["data"]
-    download(data_cfg, args.out or _archive_path(args, data_cfg))
+    out = args.out or _archive_path(args, data_cfg)
+    download(data_cfg, out)
+    return f"{out}"
 
 
 def cmd_prepare(args):
     from .data import prepare
     data_cfg = _block(args)["data"]
-    prepare(data_cfg, args.out, archive=_archive_path(args, data_cfg))
+    train, test = prepare(data_cfg, args.out, archive=_archive_path(args, data_cfg))
+    return f"{len(train['labels'])} training and {len(test['labels'])} test images, {len(train['classes'])} classes"
 
 
 def cmd_fetch_weights(args):
     from .weights import fetch
     entry = _params(args)["weights"][args.name]
     fetch(entry["source"], args.out, checksum=entry.get("checksum"))
+    return f"{args.name} -> {args.out}"
 
 
 def cmd_classifier(args):
@@ -101,8 +150,9 @@ def cmd_classifier(args):
     from .io import load_npz
     params = _params(args)
     device = _device(args, "classifier", params)
-    train_reference_classifier(load_npz(args.train), params[args.dataset]["classifier"], args.out, seed=0,
-                               device=device)
+    history = train_reference_classifier(load_npz(args.train), params[args.dataset]["classifier"], args.out,
+                                         seed=0, device=device)
+    return f"training accuracy {history['train_acc'][-1]:.4f} after {len(history['train_acc'])} epochs"
 
 
 def cmd_fid_stats(args):
@@ -114,6 +164,7 @@ def cmd_fid_stats(args):
     inception = _weights_path(params, "fid_inception") if block["fid"]["features"] == "inception" else None
     write_stats(block["fid"], load_npz(args.train), args.out, inception_weights=inception,
                 classifier_path=args.classifier, device=device)
+    return f"{block['fid']['features']} statistics -> {args.out}"
 
 
 def cmd_train(args):
@@ -137,8 +188,12 @@ def cmd_train(args):
     if block.get("pretrained"):
         init = _weights_path(params, block["pretrained"])
     eval_fn = make_training_fid(block, args.fid_stats, device) if args.fid_stats else None
-    train(block["model"], block["train"], load_split(args.data, "train"), args.out,
-          init_state_dict=init, eval_fn=eval_fn, device=device)
+    summary = train(block["model"], block["train"], load_split(args.data, "train"), args.out,
+                    init_state_dict=init, eval_fn=eval_fn, device=device)
+    fid = f", best FID {summary['best_fid']:.4g} at step {summary['best_fid_step']}" if summary.get("best_fid") else ""
+    loss = summary.get("final_loss_mean100")
+    loss = f", loss {loss:.4f} (mean of the last {min(100, summary['steps'])} steps)" if loss is not None else ""
+    return f"{summary['steps']} steps{loss}{fid}"
 
 
 def cmd_sample(args):
@@ -165,10 +220,10 @@ def cmd_sample(args):
     image_set, manifest = sample_parallel(block["model"], args.checkpoint, cfg, block["model"]["num_classes"],
                                           devices, train_cfg=block.get("train"))
     write(args.out, image_set, manifest)
-    log.info("sampled %d images in %.1f s (%.1f images/s)%s", manifest["count"], manifest["seconds"],
-             manifest["images_per_second"],
-             f", {manifest['dropped_for_balance']} dropped to keep classes balanced"
-             if manifest.get("dropped_for_balance") else "")
+    return "sampled %d images in %.1f s (%.1f images/s)%s" % (
+        manifest["count"], manifest["seconds"], manifest["images_per_second"],
+        f", {manifest['dropped_for_balance']} dropped to keep classes balanced"
+        if manifest.get("dropped_for_balance") else "")
 
 
 def _class_names(args):
@@ -201,9 +256,9 @@ def cmd_select(args):
     chosen = select(samples, cfg["strategy"], cfg.get("images_per_class"), seed=cfg.get("seed", 0),
                     features=feats, scores=scores)
     counts = np.bincount(chosen["labels"], minlength=len(chosen["classes"]))
-    log.info("selected %d of %d images (%s, %d-%d per class)", len(chosen["labels"]), len(samples["labels"]),
-             cfg["strategy"], counts.min(), counts.max())
     save_npz(args.out, **chosen)
+    return "selected %d of %d images (%s, %d-%d per class)" % (
+        len(chosen["labels"]), len(samples["labels"]), cfg["strategy"], counts.min(), counts.max())
 
 
 def cmd_export(args):
@@ -219,9 +274,9 @@ def cmd_export(args):
         log.warning("export: %s images per class, but the challenge's evaluator asserts %d per class for %s",
                     ipc if ipc else "all (the smallest class count)", CHALLENGE_IPC[args.dataset], args.dataset)
     images_path, labels_path = export_challenge(image_set, mean, std, ipc, args.out, labels_path=args.labels)
-    log.info("export: %s (images) and %s (labels)", images_path, labels_path)
     if args.png_dir:
         export_pngs(image_set, args.png_dir)
+    return f"{images_path} (images) and {labels_path} (labels)"
 
 
 def cmd_evaluate(args):
@@ -252,16 +307,20 @@ def cmd_evaluate(args):
     # rerun (e.g. after a code change) trains afresh and evaluate states do not pile up on disk.
     if args.state and Path(args.state).exists():
         Path(args.state).unlink()
-    log.info("%s seed %d: accuracy %.4f on %d test images", args.set, args.seed, result["accuracy"],
-             len(test_set["labels"]))
+    ipc = f" ipc {args.images_per_class}" if args.images_per_class else ""
+    return (f"{args.set}{ipc} seed {args.seed}",
+            "accuracy %.4f on %d test images" % (result["accuracy"], len(test_set["labels"])))
 
 
 def cmd_summarize(args):
     from .evaluate import summarize
     from .io import load_json, save_json
     from .report import table_summary
-    save_json(args.out, summarize([load_json(p) for p in args.runs]))
+    summary = summarize([load_json(p) for p in args.runs])
+    save_json(args.out, summary)
     table_summary(args.out, args.table, dataset=args.dataset)
+    return ", ".join(f"{name} {summary[name]['mean']:.4f} ± {summary[name]['std']:.4f}"
+                     for name in ("synthetic", "random_real", "full_real") if name in summary)
 
 
 def cmd_fid(args):
@@ -276,7 +335,7 @@ def cmd_fid(args):
     value = fid_against_stats(samples["images"][:n], args.stats, device)
     key = f"fid_{block['fid']['features']}"
     save_json(args.out, {key: value, "n_samples": n, "seconds": round(time.time() - t0, 2)})
-    log.info("%s = %.3f on %d samples", key, value, n)
+    return "%s = %.3f on %d samples" % (key, value, n)
 
 
 def cmd_sweep(args):
@@ -285,6 +344,7 @@ def cmd_sweep(args):
     block = _block(args)
     result = summarize_sweep(args.runs, load_json(args.manifest), num_classes=block["model"]["num_classes"])
     write_sweep(result, args.out, args.figure)
+    return f"{len(args.runs)} runs -> {args.out}, {args.figure}"
 
 
 def cmd_audit(args):
@@ -302,11 +362,15 @@ def cmd_audit(args):
     result = audit(load_npz(args.samples), load_npz(args.train), load_npz(args.test),
                    features_fn=reference_features, device=device)
     write_audit(result, args.out, args.hist, args.pairs)
+    flagged = {name: len(space.get("flagged", [])) for name, space in result.get("spaces", {}).items()}
+    return f"{result.get('n_generated')} generated images; flagged as memorised: " + (
+        ", ".join(f"{n} in {name} space" for name, n in flagged.items()) or "none")
 
 
 def cmd_report(args):
     from .report import build_report
     build_report(_params(args), args.datasets, root=".", out_dir=args.out)
+    return f"tables and figures in {args.out}"
 
 
 def cmd_dvc_yaml(args):
@@ -337,6 +401,8 @@ def build_parser():
         p.add_argument("--params", action="append",
                        help="params.yaml, then override files, later ones win (repeatable; default params.yaml)")
         p.add_argument("--log-file", dest="log", help="also write the log (and any traceback) to this file")
+        p.add_argument("--threads", type=_positive_int,
+                       help="CPU threads to compute with (torch and OpenMP); default: torch's own choice")
         p.add_argument("--device", default="auto",
                        help="auto | cpu | cuda | cuda:N; beats params' `device:`. auto: CUDA when there is one; "
                             "without one a step whose params ask for a GPU (gpus > 0, bf16/fp16) stops "
@@ -491,7 +557,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     log_file = _setup_logging(args.log)
     try:
-        args.func(args)
+        _set_threads(args.threads)
+        headline = args.func(args)   # what the step found: "text", or ("subject", "text")
+        if headline and int(os.environ.get("RANK", "0")) == 0:   # once, not from every torchrun process
+            subject, text = headline if isinstance(headline, tuple) else ("", headline)
+            label = " ".join(s for s in (args.step, getattr(args, "dataset", None), subject) if s)
+            log.info("%s: %s", label, text, extra=HEADLINE)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 - every failure is reported with its traceback, none swallowed

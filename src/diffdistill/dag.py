@@ -23,8 +23,33 @@ STEP_PARAMS = {
     "sweep_evaluate": ["evaluate", "sweep"],
 }
 
+# The CPU threads each step computes with: the rule's `threads:` (what Snakemake reserves for the job)
+# and the command's `--threads` (what torch uses), hence dvc.yaml's too. Results depend on it (the
+# order of floating-point sums in a thread pool), so it is a fixed part of the command and not
+# Snakemake's `{threads}`, which --cores or --set-threads would scale: `snakemake --cores 1` and
+# `dvc repro` compute with the same counts as `snakemake --cores all`. The default run's reference
+# numbers were made with these counts.
+STEP_THREADS = {
+    "download_data": 1,
+    "fetch_weights": 1,
+    "prepare_data": 1,
+    "reference_classifier": 1,
+    "fid_stats": 2,
+    "train_diffusion": 2,
+    "sample": 2,
+    "select": 2,
+    "export_challenge": 1,
+    "evaluate": 1,
+    "summarize": 1,
+    "fid": 2,
+    "sweep_evaluate": 1,
+    "sweep_summary": 1,
+    "audit": 2,
+    "report": 1,
+}
+
 # The package modules each step runs (DVC `deps:`), so a code change reruns what it affects.
-_CORE = ["config.py", "io.py", "cli.py"]
+_CORE = ["config.py", "io.py", "cli.py", "progress.py"]
 STEP_MODULES = {
     "download_data": ["data.py", "weights.py"],
     "prepare_data": ["data.py"],

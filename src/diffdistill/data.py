@@ -28,7 +28,6 @@ def from_model_space(x):
 import io as _io
 import logging
 import pickle
-import sys
 import tarfile
 import zipfile
 import zlib
@@ -107,9 +106,9 @@ def _decode(data_or_path, name, size, channels=3):
 
 
 def _progress(iterable, total, desc, progress):
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
-    return tqdm(iterable, total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    return progress_bar(iterable, total=total, desc=desc, unit="img", disable=not progress)
 
 
 # --- digits --------------------------------------------------------------------------------------

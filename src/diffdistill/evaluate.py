@@ -25,7 +25,6 @@ rerun continues from it, bit-identical on CPU to an uninterrupted run. The state
 what defines the run (``run_hash``); a state from another run is ignored (logged), never resumed.
 """
 import hashlib
-import io as _io
 import json
 import logging
 import time
@@ -34,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .augment import DEFAULT_STRATEGY, dsa
 from .convnet import ConvNet
-from .io import atomic_path
+from .io import save_torch
+from .progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +215,8 @@ def run_hash(eval_cfg, seed, images, labels, mean, std, num_classes):
 
 
 def _save_state(path, state):
-    # Serialise in memory first (a failure while pickling leaves nothing on disk), then write under
-    # a temporary name and rename: a kill mid-write never leaves a truncated state.
-    buf = _io.BytesIO()
-    torch.save(state, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    # A kill mid-write never leaves a truncated state (io.save_torch: in memory, then renamed).
+    save_torch(path, state)
 
 
 def _load_state(path, want_hash, epochs_run, drop_after):
@@ -327,7 +322,8 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
 
     model.train()
     stopped = False
-    bar = tqdm(total=epochs_run, initial=start, desc="evaluate", unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(total=epochs_run, initial=start, desc="evaluate", unit="epoch", disable=not progress,
+                       leave=False)
     for ep in range(start, epochs_run):
         lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=shuffle_gen).to(device)

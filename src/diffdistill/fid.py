@@ -11,7 +11,6 @@ Two feature extractors, reported under their own names and never mixed:
 """
 import hashlib
 import logging
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,8 +136,7 @@ class ConvNetFeatures(nn.Module):
     def save(self, path, args):
         blob = {"args": dict(args), "state_dict": self.convnet.state_dict(),
                 "mean": self.mean.flatten().cpu(), "std": self.std.flatten().cpu()}
-        with dio.atomic_path(path) as tmp:
-            torch.save(blob, tmp)
+        dio.save_torch(path, blob)
 
 
 def make_extractor(kind, inception_weights=None, convnet_path=None, device="cpu"):
@@ -161,7 +159,7 @@ def make_extractor(kind, inception_weights=None, convnet_path=None, device="cpu"
 @torch.no_grad()
 def features(images_uint8, extractor, batch_size=50, device=None, progress=False):
     """Features of all images, float64 [N, D] (pytorch-fid keeps them in float64 too)."""
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     if device is not None:
         extractor = extractor.to(device)
@@ -169,7 +167,7 @@ def features(images_uint8, extractor, batch_size=50, device=None, progress=False
     dev = next(extractor.parameters()).device
     n = len(images_uint8)
     out = None
-    for start in tqdm(range(0, n, batch_size), disable=not progress, file=sys.stderr, desc="fid features"):
+    for start in progress_bar(range(0, n, batch_size), disable=not progress, desc="fid features", unit="batch"):
         batch = torch.as_tensor(np.asarray(images_uint8[start:start + batch_size])).to(dev)
         f = extractor(batch).double().cpu().numpy()
         if out is None:

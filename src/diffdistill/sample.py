@@ -20,7 +20,6 @@ to a second file beside it (``{ds}_labels.pt``), for other evaluators and for ch
 """
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import torch
 
 from . import data as data_mod
 from . import diffusion
-from .io import atomic_dir, atomic_path
+from .io import atomic_dir, atomic_path, torch_bytes
 
 VARIANTS = ("fast", "multistep")
 # fp32: plain float32; tf32: float32 with TensorFloat-32 matrix products (CUDA); bf16/fp16: autocast (CUDA).
@@ -352,10 +351,10 @@ def _shard_share(total_cap, bs, worker, num_workers):
 
 
 def _progress_bar(total, progress, desc="sample", position=None):
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
-    return tqdm(total=total, unit="img", desc=desc, disable=not progress, file=sys.stderr,
-                dynamic_ncols=True, position=position)
+    return progress_bar(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True,
+                        position=position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,8 +488,9 @@ def _worker(rank, devices, model_cfg, train_cfg, checkpoint_path, sample_cfg, nu
         device = torch.device(devices[rank])
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        else:  # CPU workers share the cores instead of each taking all of them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+        else:  # CPU workers share the step's threads (--threads, passed on as OMP_NUM_THREADS; else
+            # torch's default, the cores) instead of each taking all of them
+            torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
         model = load_model(model_cfg, checkpoint_path, device, train_cfg)
         cfg = dict(sample_cfg)
         auto = cfg.get("batch_size", 500) == "auto"
@@ -782,11 +782,8 @@ def export_challenge(image_set, mean, std, images_per_class, out_path, labels_pa
     grouped = _by_class(image_set, ipc)
     x = torch.from_numpy(grouped["images"]).permute(0, 3, 1, 2).float().div(255.0)
     m, s = _mean_std(mean, std, x.shape[1])
-    blobs = []
-    for tensor in (((x - m) / s).contiguous(), torch.from_numpy(grouped["labels"]).to(torch.int64).clone()):
-        buf = io.BytesIO()
-        torch.save(tensor, buf)
-        blobs.append(buf.getvalue())
+    blobs = [torch_bytes(t) for t in (((x - m) / s).contiguous(),
+                                      torch.from_numpy(grouped["labels"]).to(torch.int64).clone())]
     out_path = Path(out_path)
     labels_path = Path(labels_path) if labels_path else labels_path_for(out_path)
     with atomic_path(out_path) as tmp_images, atomic_path(labels_path) as tmp_labels:

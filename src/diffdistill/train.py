@@ -36,24 +36,22 @@ import csv
 import datetime
 import functools
 import hashlib
-import io as _io
 import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from diffdistill import diffusion
 from diffdistill.config import resolve_device
 from diffdistill.data import to_model_space
-from diffdistill.io import atomic_path, save_json
+from diffdistill.io import atomic_path, save_json, save_torch
+from diffdistill.progress import progress as progress_bar
 from diffdistill.uvit import UViT, count_parameters
 
 log = logging.getLogger(__name__)
@@ -298,14 +296,6 @@ def _all_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _save_torch(path, obj):
-    # Serialise in memory first: a failure while pickling leaves nothing on disk.
-    buf = _io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
 def _write_csv(path, header, rows):
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
@@ -466,7 +456,7 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
                                    f"({state_path}) is kept. Lower train.lr or use precision: fp32.")
         if not is_main:
             return
-        _save_torch(state_path, {
+        save_torch(state_path, {
             "step": step, "config_hash": run_hash, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "history": [list(r) for r in history], "fid": [list(r) for r in fid_rows], "best": best,
@@ -491,13 +481,13 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
         if math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
             best.update(fid=fid, step=step)
             if is_main:
-                _save_torch(out_dir / "best_ema.pt", ema.state_dict())
+                save_torch(out_dir / "best_ema.pt", ema.state_dict())
         if is_main:
             log.info("step %d: FID %.4g", step, fid)
 
     t_start, train_seconds, done_here = time.time(), 0.0, 0
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=not (progress and is_main))
+    bar = progress_bar(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                       disable=not (progress and is_main))
     for step in range(start, steps):          # this iteration makes update number step + 1
         t0 = time.time()
         lr = lr_at(step + 1, cfg["lr"], cfg["warmup_steps"])
@@ -574,7 +564,7 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
             _write_csv(out_dir / "loss.csv", ["step", "loss", "lr"], history)
             if eval_fn is not None:
                 _write_csv(out_dir / "fid_curve.csv", ["step", "fid"], fid_rows)
-        _save_torch(out_dir / "ema.pt", ema.state_dict())
+        save_torch(out_dir / "ema.pt", ema.state_dict())
         save_json(out_dir / "train.json", summary)
     if world_size > 1:
         dist.barrier()    # every process returns once the outputs exist

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -109,14 +108,14 @@ def _by_hand(source, dest, checksum):
 
 def _download_url(url, out, progress):
     """Stream ``url`` into ``out`` with a progress bar; fail on a short body."""
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     req = urllib.request.Request(url, headers={"User-Agent": "diffdistill"})
     with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp, open(out, "wb") as f:
         total = resp.length
         done = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(out).name.split(".part")[0],
-                  disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=Path(out).name.split(".part")[0],
+                          disable=not progress) as bar:
             while True:
                 block = resp.read(CHUNK)
                 if not block:
@@ -137,8 +136,9 @@ def _download_gdrive(file_id, out, progress):
     # gdown keeps partial files beside its output on failure; give it a private folder we delete.
     tmpdir = Path(tempfile.mkdtemp(prefix=".gdown.", dir=Path(out).parent))
     try:
+        from .progress import bars_enabled   # gdown draws a bar or nothing: nothing off a terminal
         got = gdown.download(url=GDRIVE_URL.format(id=file_id), output=str(tmpdir / "file"),
-                             quiet=not progress)
+                             quiet=not (progress and bars_enabled()))
         if not got or not Path(got).exists():
             raise FetchError(f"gdown returned no file for Drive id {file_id}")
         os.replace(got, out)
