@@ -258,8 +258,9 @@ def serve(folder, port=0):
 
 # --- the run folder ---------------------------------------------------------------------------------
 
-def prepare(workdir):
-    """The workflow, the overrides and the made files in ``workdir``; returns the made files."""
+def prepare(workdir, files_from=None):
+    """The workflow, the overrides and the made files in ``workdir`` (hard links to those in
+    ``files_from`` when given: several rehearsals share one set); returns the made files."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
@@ -269,6 +270,12 @@ def prepare(workdir):
         else:
             shutil.copy2(src, dst)
     shutil.copy2(OVERRIDE, workdir / "rehearsal.yaml")
+    if files_from is None:
+        return make_files(workdir / FILES)
+    (workdir / FILES).mkdir(exist_ok=True)
+    for name, path in make_files(files_from).items():
+        if not (workdir / FILES / name).exists():
+            os.link(path, workdir / FILES / name)
     return make_files(workdir / FILES)
 
 
@@ -324,12 +331,13 @@ def _served_folder(workdir, withhold):
     return folder
 
 
-def run(workdir, args=(), dvc=False, env=None, timeout=None, capture=True, withhold=(), configfiles=()):
+def run(workdir, args=(), dvc=False, env=None, timeout=None, capture=True, withhold=(), configfiles=(),
+        files_from=None):
     """Prepare ``workdir``, serve the made files (less ``withhold``) and run the rehearsal there, with
     ``configfiles`` (in ``workdir``) after the rehearsal's own; returns the finished process, with
     ``seconds`` its wall time."""
     workdir = Path(workdir).resolve()
-    files = prepare(workdir)
+    files = prepare(workdir, files_from)
     with serve(_served_folder(workdir, withhold), previous_port(workdir)) as base_url:
         write_sources(workdir, files, base_url)
         env = dict(env or os.environ)

@@ -3,9 +3,8 @@ this CPU machine, through plain Snakemake, through `dvc repro` and through `--pr
 single-node Slurm. Architectures and code paths are the paper blocks'; only scale knobs are shrunk.
 
 The three routes share the work: plain Snakemake runs the whole DAG of both datasets; DVC runs the
-CIFAR-100 chain up to the first evaluation (downloads, finetuning under torchrun, sampling, selection)
-as DVC stages; Slurm runs the Tiny-ImageNet chain up to sampling as Slurm jobs, with the download and
-weight rules local. What the three would test alike (the steps' own code) is checked once, on the
+Tiny-ImageNet chain up to the M/4 finetuning under torchrun as DVC stages; Slurm runs the CIFAR-100
+chain up to the S/2 finetuning under torchrun as Slurm jobs, with the download and weight rules local. What the three would test alike (the steps' own code) is checked once, on the
 plain run."""
 import json
 import re
@@ -41,9 +40,17 @@ def npz(path):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def made(tmp_path_factory):
+    """The made archives and checkpoints, once for every rehearsal of the module (hard-linked)."""
+    folder = tmp_path_factory.mktemp("made")
+    rehearsal.make_files(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, made):
     work = tmp_path_factory.mktemp("rehearsal")
-    proc = rehearsal.run(work, timeout=1500)
+    proc = rehearsal.run(work, timeout=1500, files_from=made)
     print(f"plain Snakemake rehearsal: {proc.seconds:.0f} s")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return work
@@ -156,10 +163,10 @@ def test_a_second_run_has_nothing_to_do(run):
 
 # --- bad input -------------------------------------------------------------------------------------
 
-def test_asking_for_cuda_without_it_stops_clearly(tmp_path):
+def test_asking_for_cuda_without_it_stops_clearly(tmp_path, made):
     # The paper blocks ask for GPUs; without `device: cpu` a machine without CUDA must refuse them.
     (tmp_path / "gpu.yaml").write_text("device: auto\n")
-    proc = rehearsal.run(tmp_path, ["data/cifar100/classifier.pt"], configfiles=["gpu.yaml"])
+    proc = rehearsal.run(tmp_path, ["data/cifar100/classifier.pt"], configfiles=["gpu.yaml"], files_from=made)
     assert proc.returncode != 0
     text = (tmp_path / "logs/cifar100/reference_classifier.log").read_text()
     assert "device: cpu" in text and "Traceback" in text
@@ -168,8 +175,8 @@ def test_asking_for_cuda_without_it_stops_clearly(tmp_path):
     assert (tmp_path / "data/cifar100/train.npz").exists()  # the steps before it ran
 
 
-def test_a_download_that_answers_404_stops_clearly(tmp_path):
-    proc = rehearsal.run(tmp_path, ["data/cifar100/train.npz"], withhold=["cifar-100-python.tar.gz"])
+def test_a_download_that_answers_404_stops_clearly(tmp_path, made):
+    proc = rehearsal.run(tmp_path, ["data/cifar100/train.npz"], withhold=["cifar-100-python.tar.gz"], files_from=made)
     assert proc.returncode != 0
     logs = list((tmp_path / "logs/cifar100").glob("download*.log"))
     assert logs, sorted(p.name for p in (tmp_path / "logs").rglob("*"))
@@ -185,47 +192,46 @@ def ran_stages(output):
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_dvc_repro_runs_the_cifar100_chain(tmp_path):
-    """The CIFAR-100 chain as DVC stages: download, conversion, weights, reference classifier, FID
-    statistics, finetuning under torchrun, sampling, selection."""
-    proc = rehearsal.run(tmp_path, ["select_cifar100"], dvc=True, timeout=1200)
+def test_dvc_repro_runs_the_tinyimagenet_finetuning(tmp_path, made):
+    """The Tiny-ImageNet chain as DVC stages: download, conversion, weights, FID statistics and the
+    M/4 finetuning under torchrun, from the generated dvc.yaml."""
+    proc = rehearsal.run(tmp_path, ["train_diffusion_tinyimagenet"], dvc=True, timeout=1200, files_from=made)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    print(f"dvc repro of the CIFAR-100 chain: {proc.seconds:.0f} s")
-    # (No reference classifier: the paper blocks use Inception FID and keep every sample.)
-    expected = {"download_data_cifar-100-python_tar_gz_cifar100", "prepare_data_cifar100",
-                "fetch_weights_cifar10_uvit_small_pth", "fetch_weights_pt_inception-2015-12-05-6726825d_pth",
-                "fid_stats_cifar100", "train_diffusion_cifar100", "sample_cifar100", "select_cifar100"}
+    print(f"dvc repro of the Tiny-ImageNet finetuning: {proc.seconds:.0f} s")
+    expected = {"download_data_tiny-imagenet-200_zip_tinyimagenet", "prepare_data_tinyimagenet",
+                "fetch_weights_imagenet64_uvit_mid_pth", "fetch_weights_pt_inception-2015-12-05-6726825d_pth",
+                "fid_stats_tinyimagenet", "train_diffusion_tinyimagenet"}
     assert ran_stages(out) == expected, sorted(ran_stages(out))
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
     assert expected <= set(lock)
-    assert "torchrun --standalone --nproc_per_node 2" in lock["train_diffusion_cifar100"]["cmd"]
-    summary = json.loads((tmp_path / "checkpoints/cifar100/train.json").read_text())
+    assert "torchrun --standalone --nproc_per_node 2" in lock["train_diffusion_tinyimagenet"]["cmd"]
+    summary = json.loads((tmp_path / "checkpoints/tinyimagenet/train.json").read_text())
     assert summary["world_size"] == 2 and summary["init"]["fresh"] >= 1
-    again = rehearsal.run(tmp_path, ["select_cifar100"], dvc=True)
+    again = rehearsal.run(tmp_path, ["train_diffusion_tinyimagenet"], dvc=True)
     assert again.returncode == 0 and ran_stages(again.stdout + again.stderr) == set()
 
 
 @pytest.mark.slurm
 @needs_slurm
-def test_slurm_runs_the_tinyimagenet_chain(tmp_path, slurm_env):
-    """The Tiny-ImageNet chain through `--profile` on a real Slurm: downloads and weights as local
-    rules (they never become Slurm jobs), the M/4 finetuning under torchrun inside a Slurm job."""
+def test_slurm_runs_the_cifar100_finetuning(tmp_path, slurm_env, made):
+    """The CIFAR-100 chain through `--profile` on a real Slurm: downloads and weights as local rules
+    (they never become Slurm jobs), the S/2 finetuning under torchrun inside a Slurm job."""
     profile = rehearsal.REPO / "tests" / "slurm" / "profile"
-    proc = rehearsal.run(tmp_path, ["--profile", str(profile), "synthetic/tinyimagenet/samples.npz"],
-                         env=dict(slurm_env, PYTHONPATH=str(tmp_path / "src")), timeout=1500)
+    proc = rehearsal.run(tmp_path, ["--profile", str(profile), "checkpoints/cifar100/ema.pt"],
+                         env=dict(slurm_env, PYTHONPATH=str(tmp_path / "src")), timeout=1500, files_from=made)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    print(f"Slurm run of the Tiny-ImageNet chain: {proc.seconds:.0f} s")
+    print(f"Slurm run of the CIFAR-100 finetuning: {proc.seconds:.0f} s")
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S+/slurm_logs/rule_(\w+)/", out)
     rules = sorted(rule for _, rule in submitted)
-    assert rules == sorted(["prepare_data", "fid_stats", "train_diffusion", "sample"]), rules
+    assert rules == sorted(["prepare_data", "fid_stats", "train_diffusion"]), rules
     local = set(re.findall(r"^localrule (\w+):", out, re.M))
     assert local >= {"download_data", "fetch_weights"}, local
     squeue = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%i|%T"], env=slurm_env,
                             capture_output=True, text=True, check=True).stdout
     states = dict(line.split("|") for line in squeue.split())
     assert all(states.get(job) == "COMPLETED" for job, _ in submitted), (submitted, states)
-    summary = json.loads((tmp_path / "checkpoints/tinyimagenet/train.json").read_text())
+    summary = json.loads((tmp_path / "checkpoints/cifar100/train.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
-    assert (tmp_path / "data/downloads/tinyimagenet/tiny-imagenet-200.zip").exists()
+    assert (tmp_path / "data/downloads/cifar100/cifar-100-python.tar.gz").exists()
