@@ -5,14 +5,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run from a checkout without installing
 
+from diffdistill.config import resolve_bases
 from diffdistill.config import validate as validate_params
 from diffdistill.dag import STEP_PARAMS, STEP_THREADS, param_value
-from diffdistill.data import ARCHIVES, archive_name
+from diffdistill.data import ARCHIVES, archive_name, tree_files
 
 # The CLI reads params.yaml plus any --configfile overrides, in the order Snakemake merged them.
 PARAM_FILES = ["params.yaml"] + [str(f) for f in workflow.overwrite_configfiles]
 
-# Invalid params stop here, before any job, with a message naming the key and the file that set it.
+# Dataset blocks with `base: other` inherit the other block (as the CLI's load_params does); then
+# invalid params stop here, before any job, with a message naming the key and the file that set it.
+config.update(resolve_bases(config))
 validate_params(config, files=PARAM_FILES)
 
 DATASETS = list(config["datasets"])
@@ -46,6 +49,11 @@ def archive_input(w):
     """The downloaded archive prepare_data converts (download_data); none for digits and folder."""
     name = archive_name(config[w.ds]["data"])
     return [f"data/downloads/{w.ds}/{name}"] if name else []
+
+
+def image_tree_input(w):
+    """A folder dataset's image files (data.root, data.test_root): a changed tree reruns prepare_data."""
+    return tree_files(config[w.ds]["data"])
 
 
 def weights_file(name):

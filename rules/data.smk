@@ -29,6 +29,7 @@ rule download_data:
 rule prepare_data:
     input:
         archive=archive_input,
+        images=image_tree_input,
     output:
         train="data/{ds}/train.npz",
         test="data/{ds}/test.npz",

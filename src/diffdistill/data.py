@@ -336,6 +336,17 @@ def _read_tiny_zip(archive, size, progress):
 # --- folder --------------------------------------------------------------------------------------
 
 
+def tree_files(data_cfg):
+    """The image files a folder dataset reads (``root`` and ``test_root``), as sorted path strings:
+    prepare_data's inputs, so that changed, added or removed images rerun it. [] for other kinds."""
+    if data_cfg.get("kind") != "folder":
+        return []
+    roots = [data_cfg.get("root")] + ([data_cfg["test_root"]] if data_cfg.get("test_root") else [])
+    if not roots[0]:
+        raise DataError("folder dataset: data.root is not set; name the ImageFolder tree in params.yaml")
+    return sorted(str(path) for root in roots for path, _ in _scan_tree(root)[1])
+
+
 def _scan_tree(root):
     root = Path(root)
     if not root.is_dir():
