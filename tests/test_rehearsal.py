@@ -137,6 +137,21 @@ def test_sampling_selection_and_evaluation(run, ds):
     assert run0["epochs"] == cfg["evaluate"]["epochs"] + 1  # the challenge's range(Epoch + 1)
 
 
+@pytest.mark.parametrize("ds", DATASETS)
+def test_the_export_loads_as_the_challenge_evaluator_loads_it(run, ds):
+    cfg = params()[ds]
+    k, size = cfg["model"]["num_classes"], cfg["data"]["image_size"]
+    data = torch.load(run / f"synthetic/{ds}/challenge/{ds}.pt")   # the evaluator: torch.load(submit_dir/…)
+    assert list(data.shape) == [10 * k, 3, size, size] and data.dtype == torch.float32
+    labels = torch.load(run / f"synthetic/{ds}/challenge/{ds}_labels.pt")
+    assert labels.tolist() == np.concatenate([np.ones(10) * i for i in range(k)]).astype(int).tolist()
+    selected = npz(run / f"synthetic/{ds}/selected.npz")
+    mean, std = (torch.tensor(cfg["evaluate"][m]).view(1, 3, 1, 1) for m in ("mean", "std"))
+    pixels = ((data * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(k):   # block i is the first ten selected images of class i
+        assert np.array_equal(pixels[10 * i:10 * i + 10], selected["images"][selected["labels"] == i][:10])
+
+
 def test_tables_and_figures_carry_the_rehearsal_numbers(run):
     results = (run / "results/tables/results.md").read_text()
     fid_table = (run / "results/tables/fid.md").read_text()
