@@ -135,3 +135,10 @@ def test_summarize_and_fig_sweep(tmp_path):
     assert (tmp_path / "sweep.png").exists()
     with pytest.raises(ValueError, match="sweep result name"):
         audit.summarize_sweep([tmp_path / "other.json"])
+    # A small dataset sampled in one batch has one timeline point: the figure shows it, fits no line.
+    one_batch = dict(MANIFEST, timeline=[[1000, 10.0]])
+    single = audit.summarize_sweep(paths, manifest=one_batch)
+    assert single["linear_fit"] is None
+    data = audit.write_sweep(single, tmp_path / "single.json", tmp_path / "single.png")
+    assert data["seconds_vs_images"]["x"] == [1000] and data["seconds_vs_images"]["fit"] is None
+    assert (tmp_path / "single.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -411,11 +411,15 @@ def fig_sweep(sweep_results, out):
         ax.legend(fontsize=7, title=legend_title, title_fontsize=7, loc="upper left")
         ax = axes[2]
         tl = np.asarray(sweep_results["timeline"], float)
-        fit = sweep_results.get("linear_fit") or linear_fit(tl[:, 0], tl[:, 1])
+        # A run that sampled everything in one batch has one point: nothing to fit a line to.
+        fit = sweep_results.get("linear_fit") or (linear_fit(tl[:, 0], tl[:, 1]) if len(tl) >= 2 else None)
         ax.plot(tl[:, 0], tl[:, 1], "o", ms=3, color="tab:blue", label="measured (per batch)")
-        xs = np.array([0.0, tl[:, 0].max()])
-        ax.plot(xs, fit["slope"] * xs + fit["intercept"], "-", color="black", lw=1,
-                label=f"least squares: {1000 * fit['slope']:.3g} s / 1000 img, R² = {fit['r2']:.4f}")
+        if fit is not None:
+            xs = np.array([0.0, tl[:, 0].max()])
+            ax.plot(xs, fit["slope"] * xs + fit["intercept"], "-", color="black", lw=1,
+                    label=f"least squares: {1000 * fit['slope']:.3g} s / 1000 img, R² = {fit['r2']:.4f}")
+        else:
+            ax.plot([], [], " ", label="one batch: no line fitted (sample in smaller batches)")
         ax.set_xlabel("images generated")
         ax.set_ylabel("sampling seconds")
         ax.set_title("sampling cost vs images")
