@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffdistill.convnet import ConvNet, count_parameters
+from diffdistill.convnet import ConvNet
+from diffdistill.uvit import count_parameters
 
 
 def test_parameter_counts_match_the_challenge():

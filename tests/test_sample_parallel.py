@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from diffdistill import sample
-from diffdistill.io import load_npz
+from diffdistill.io import file_digest, load_npz
 from diffdistill.train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_cap_run_on_two_workers_is_the_one_device_run(checkpoint):
     assert man2["count"] == 15 and man2["per_class"] == [5, 5, 5] and man2["dropped_for_balance"] == 0
     assert [(w["count"], w["num_batches"]) for w in man2["workers"]] == [(8, 2), (7, 2)]
     assert man2["device"] == "2 × cpu" and man2["stopped_by"] == "cap" and man2["num_batches"] == 4
-    assert man2["checkpoint_sha256"] == man1["checkpoint_sha256"] == sample.file_sha256(checkpoint)
+    assert man2["checkpoint_sha256"] == man1["checkpoint_sha256"] == file_digest(checkpoint)
     assert man2["seconds"] == max(w["seconds"] for w in man2["workers"])
     totals = [n for n, _ in man2["timeline"]]
     times = [t for _, t in man2["timeline"]]

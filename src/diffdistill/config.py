@@ -159,6 +159,10 @@ def resolve_device(name="auto"):
 
 
 DEVICES = ("auto", "cpu", "cuda")     # the top-level `device:` key of params.yaml
+# Numeric precision of the U-ViT steps -> autocast dtype (None: no autocast). fp32: plain float32;
+# tf32: float32 with TensorFloat-32 matrix products (sampling only); bf16/fp16: autocast, CUDA only.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 GPU_PRECISIONS = ("bf16", "fp16")     # autocast precisions: only a GPU runs them
 
 

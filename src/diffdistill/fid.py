@@ -9,7 +9,6 @@ Two feature extractors, reported under their own names and never mixed:
   images such as ``digits``, where Inception features mean little); its weights are saved beside the
   statistics.
 """
-import hashlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,14 +29,6 @@ def metric_name(kind):
     if kind not in KINDS:
         raise ValueError(f"fid.features must be one of {KINDS}, got {kind!r}")
     return f"fid_{kind}"
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _to_unit(images_uint8):
@@ -293,7 +284,7 @@ def write_stats(fid_cfg, train_set, out_path, inception_weights=None, classifier
     images = _stats_subset(train_set, fid_cfg)
     mu, sigma = compute_stats(images, extractor, batch_size, device, progress)
     dio.save_npz(out_path, mu=mu, sigma=sigma, features=np.array(kind), metric=np.array(metric),
-                 n=np.array(len(images)), extractor_sha256=np.array(_sha256(extractor_path)),
+                 n=np.array(len(images)), extractor_sha256=np.array(dio.file_digest(extractor_path)),
                  extractor_path=np.array(str(extractor_path)))
     log.info("%s statistics of %d training images -> %s", metric, len(images), out_path)
     return mu, sigma
@@ -328,7 +319,7 @@ class FID:
         else:
             weights_path = self.stats["extractor_path"]
             self.extractor = make_extractor("convnet", convnet_path=weights_path, device=self.device)
-        actual = _sha256(weights_path)
+        actual = dio.file_digest(weights_path)
         if actual != self.stats["extractor_sha256"]:
             raise ValueError(f"{stats_path} was computed with a different {self.kind} extractor (sha256 "
                              f"{self.stats['extractor_sha256'][:12]}… vs {actual[:12]}…); rerun the fid_stats step")

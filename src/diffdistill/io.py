@@ -12,6 +12,7 @@
 import contextlib
 import ctypes
 import errno
+import hashlib
 import io as _io
 import json
 import os
@@ -20,6 +21,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file's bytes, read in 1 MiB blocks (checkpoints are hundreds of MB)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def _sibling(path, tag):
     """A fresh hidden name beside ``path`` (``.NAME.TAG<random>.tmp<suffixes>``; .gitignore'd)."""

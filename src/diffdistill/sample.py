@@ -19,7 +19,6 @@ order (generation order within a class), in a file named ``{ds}.pt``; the int64 
 to a second file beside it (``{ds}_labels.pt``), for other evaluators and for checking.
 """
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,11 +33,10 @@ import torch
 
 from . import data as data_mod
 from . import diffusion
-from .io import atomic_dir, atomic_path, torch_bytes
+from .config import PRECISIONS
+from .io import atomic_dir, atomic_path, file_digest, torch_bytes
 
 VARIANTS = ("fast", "multistep")
-# fp32: plain float32; tf32: float32 with TensorFloat-32 matrix products (CUDA); bf16/fp16: autocast (CUDA).
-PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -52,14 +50,6 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def batch_generator(seed, batch_index):
     """A CPU generator seeded by (seed, batch_index): batch b's noise never depends on timing or device."""
     state = np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1, dtype=np.uint64)[0]
@@ -198,7 +188,7 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
         raise RuntimeError("sample: diffusion.dpm_solver_sample is missing; the sampler module is incomplete")
 
     device = torch.device(device)
-    checkpoint_sha = file_sha256(checkpoint_path) if checkpoint_path is not None else None
+    checkpoint_sha = file_digest(checkpoint_path) if checkpoint_path is not None else None
     was_training = model.training
     model.eval()
     model.to(device)
@@ -533,7 +523,7 @@ def sample_parallel(model_cfg, checkpoint_path, sample_cfg, num_classes, devices
     validate_sample_cfg(sample_cfg, num_classes)
     classes = _class_names(sample_cfg, num_classes)
     check_checkpoint(model_cfg, checkpoint_path, train_cfg)
-    checkpoint_sha = file_sha256(checkpoint_path)
+    checkpoint_sha = file_digest(checkpoint_path)
     import multiprocessing
     import tempfile
 
@@ -677,7 +667,7 @@ def write(out_dir, image_set, manifest):
             with open(tmp_samples, "wb") as f:
                 np.savez(f, images=image_set["images"], labels=image_set["labels"].astype(np.int64),
                          classes=np.asarray(image_set["classes"]).astype(str))
-            full = dict(manifest, samples_sha256=file_sha256(tmp_samples))
+            full = dict(manifest, samples_sha256=file_digest(tmp_samples))
             tmp_manifest.write_text(json.dumps(full, indent=2) + "\n")
     return samples_path, manifest_path
 

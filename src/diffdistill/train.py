@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from diffdistill import diffusion
-from diffdistill.config import resolve_device
+from diffdistill.config import PRECISIONS, TRAIN_PRECISIONS, resolve_device
 from diffdistill.data import to_model_space
 from diffdistill.io import atomic_path, save_json, save_torch
 from diffdistill.progress import progress as progress_bar
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 UVIT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
              "qkv_bias", "mlp_time_embed", "num_classes", "conv", "skip")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Optional train_cfg keys and their defaults (required: steps, batch_size, lr).
 TRAIN_DEFAULTS = {
@@ -253,8 +252,8 @@ def _validate(model_cfg, cfg, images, labels, classes, world_size, stop_after):
                          f"choose a batch_size that is a multiple of {mb * world_size} or change micro_batch")
     if int(cfg["steps"]) < 1:
         raise ValueError(f"train.steps={cfg['steps']}; it must be at least 1")
-    if cfg["precision"] not in PRECISIONS:
-        raise ValueError(f"train.precision={cfg['precision']!r}; choose one of {PRECISIONS}")
+    if cfg["precision"] not in TRAIN_PRECISIONS:
+        raise ValueError(f"train.precision={cfg['precision']!r}; choose one of {TRAIN_PRECISIONS}")
     if not 0.0 <= float(cfg["ema_decay"]) <= 1.0:
         raise ValueError(f"train.ema_decay={cfg['ema_decay']}; it must lie in [0, 1]")
     if not 0.0 <= float(cfg["label_dropout"]) < 1.0:
@@ -275,7 +274,7 @@ def _resolve_precision(requested, device):
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no bf16: running fp32 (set precision: fp16 to use fp16 autocast)")
         return "fp32", None
-    return requested, (torch.bfloat16 if requested == "bf16" else torch.float16)
+    return requested, PRECISIONS[requested]
 
 
 def _load_init(model, init):

@@ -5,7 +5,7 @@
 class count ("initialise from the pretrained weights excluding the label layer");
 ``load_state_dict_checked`` is a strict load whose error says which architecture the file is for.
 """
-import hashlib
+from .io import file_digest
 import http.client
 import logging
 import os
@@ -48,14 +48,6 @@ def parse_checksum(checksum):
         raise FetchError(f"checksum {checksum!r} is not of the form 'sha256:<hex>' or 'md5:<hex>' "
                          f"(a prefix of the hex is fine); fix it in params.yaml or set it to null")
     return m.group(1), m.group(2).lower()
-
-
-def file_digest(path, algorithm="sha256"):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(path, checksum):
