@@ -233,3 +233,71 @@ def test_benchmark_flop_formula_matches_flop_counter(option):
     assert bench.analytic_forward_flops(cfg) == bench.counted_forward_flops(cfg)
     s2 = bench.MODELS["s2"][1]
     assert bench.analytic_forward_flops(s2) == bench.counted_forward_flops(s2) == 24_503_420_928
+
+
+# The reshapes as the model wrote them with reshape/permute before it used einops: the einops
+# version must give the very same numbers (torch.equal), so trained weights and samples are unchanged.
+def _permute_patchify(imgs, p):
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def _permute_unpatchify(x, channels):
+    B, L, patch_dim = x.shape
+    p = int(round((patch_dim // channels) ** 0.5))
+    h = w = int(round(L ** 0.5))
+    x = x.reshape(B, h, w, p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, w * p)
+
+
+def _permute_attention(attn, x):
+    B, L, D = x.shape
+    qkv = attn.qkv(x).reshape(B, L, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)
+    x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    return attn.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+def _permute_forward(model, x, timesteps, y):
+    """UViT.forward with the reshape/permute formulas of the code before einops."""
+    def block(blk, v, skip=None):
+        if blk.skip_linear is not None:
+            v = blk.skip_linear(torch.cat([v, skip], dim=-1))
+        v = v + _permute_attention(blk.attn, blk.norm1(v))
+        return v + blk.mlp(blk.norm2(v))
+
+    v = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    t_emb = timestep_embedding(timesteps, model.embed_dim).to(model.pos_embed.dtype)
+    tokens = [model.time_embed(t_emb).unsqueeze(1)]
+    if y is not None:
+        tokens.insert(0, model.label_emb(y).unsqueeze(1))
+    v = torch.cat(tokens + [v], dim=1) + model.pos_embed
+    skips = []
+    for blk in model.in_blocks:
+        v = block(blk, v)
+        skips.append(v)
+    v = block(model.mid_block, v)
+    for blk in model.out_blocks:
+        v = block(blk, v, skips.pop())
+    v = model.decoder_pred(model.norm(v))
+    return model.final_layer(_permute_unpatchify(v[:, model.extras:, :], model.in_chans))
+
+
+@pytest.mark.parametrize("num_classes", [5, -1])
+def test_einops_reshapes_equal_the_permute_formulas(num_classes):
+    torch.manual_seed(1)
+    imgs = torch.randn(2, 3, 8, 8)
+    assert torch.equal(patchify(imgs, 2), _permute_patchify(imgs, 2))
+    tokens = torch.randn(2, 16, 12)
+    assert torch.equal(unpatchify(tokens, 3), _permute_unpatchify(tokens, 3))
+    model = UViT(**TINY, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0.5, 300.0, 999.0])
+    y = torch.tensor([0, 4, 2]) if num_classes > 0 else None
+    with torch.no_grad():
+        h = torch.randn(3, 20, TINY["embed_dim"])
+        assert torch.equal(model.in_blocks[0].attn(h), _permute_attention(model.in_blocks[0].attn, h))
+        assert torch.equal(model.patch_embed(x), model.patch_embed.proj(x).flatten(2).transpose(1, 2))
+        assert torch.equal(model(x, t, y), _permute_forward(model, x, t, y))

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -23,24 +24,22 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 def patchify(imgs, patch_size):
-    """B C (h p1) (w p2) -> B (h w) (p1 p2 C)."""
-    B, C, H, W = imgs.shape
-    p = patch_size
-    x = imgs.reshape(B, C, H // p, p, W // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+    """Images to a sequence of flattened patches."""
+    return rearrange(imgs, "B C (h p1) (w p2) -> B (h w) (p1 p2 C)", p1=patch_size, p2=patch_size)
 
 
 def unpatchify(x, channels):
-    """B (h w) (p1 p2 C) -> B C (h p1) (w p2)."""
+    """A sequence of flattened square patches (a square grid of them) back to images."""
     B, L, patch_dim = x.shape
     p = int(round((patch_dim // channels) ** 0.5))
-    h = w = int(round(L ** 0.5))
-    assert h * w == L and p * p * channels == patch_dim, (L, patch_dim, channels)
-    x = x.reshape(B, h, w, p, p, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, w * p)
+    h = int(round(L ** 0.5))
+    assert h * h == L and p * p * channels == patch_dim, (L, patch_dim, channels)
+    return rearrange(x, "B (h w) (p1 p2 C) -> B C (h p1) (w p2)", h=h, p1=p, p2=p)
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention: one ``qkv`` projection, scaled dot-product attention, ``proj``."""
+
     def __init__(self, dim, num_heads=8, qkv_bias=False):
         super().__init__()
         self.num_heads = num_heads
@@ -48,11 +47,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, L, D = x.shape
-        # (B, L, 3·H·d) -> 3 × (B, H, L, d), the K-H-D order of U-ViT's rearrange.
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+        # The K-H-D split of U-ViT's checkpoints: qkv's output features are (query, key, value) × heads.
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(x, "B H L D -> B L (H D)"))
 
 
 class Mlp(nn.Module):
@@ -85,15 +83,20 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches, each projected to one token by a strided convolution."""
+
     def __init__(self, patch_size, in_chans, embed_dim):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return rearrange(self.proj(x), "B D h w -> B (h w) D")
 
 
 class UViT(nn.Module):
+    """Tokens [label, time, patches] through in-blocks, a mid-block and out-blocks fed by long skips;
+    ``forward(x, timesteps, y=None)`` returns the predicted noise ε, shaped like ``x``."""
+
     def __init__(self, img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8,
                  mlp_ratio=4.0, qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True):
         super().__init__()
@@ -141,7 +144,6 @@ class UViT(nn.Module):
 
     def forward(self, x, timesteps, y=None):
         x = self.patch_embed(x)
-        B, L, D = x.shape
         # The sinusoidal embedding is computed in float32; cast it to the parameters' dtype so a model
         # converted with .half()/.to(bfloat16) runs (under autocast the parameters stay float32).
         t_emb = timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype)
