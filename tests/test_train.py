@@ -436,3 +436,26 @@ def test_ddp_fid_points_are_shared_by_the_ranks_and_equal_one_process(tmp_path, 
     assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-4)
     assert one[0][1] != one[1][1]                                            # the points measure the weights
     print(f"two-process run with 3 FID points: {ddp_seconds:.1f} s")
+
+
+def test_curve_csv_bytes_are_the_csv_modules(tmp_path):
+    # loss.csv and fid_curve.csv are written with pandas; the bytes are those of the csv module's
+    # writer with repr(float) that wrote them before (committed curves and dvc.lock stay valid).
+    import io
+
+    from diffdistill.train import _write_curve_csv
+
+    def csv_module(header, rows):
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([int(r[0])] + [repr(float(v)) for v in r[1:]])
+        return buf.getvalue().encode()
+
+    rows = [(1, 0.1, 1e-05), (2, 123456.789, 2e-4), (3, np.float32(0.3), 1 / 3), (10, 1e16, 0.0),
+            (11, float("nan"), float("inf")), (12, np.float64(5e-324), -0.0)]
+    for header, table in ((["step", "loss", "lr"], rows), (["step", "fid"], [r[:2] for r in rows]),
+                          (["step", "fid"], [])):
+        _write_curve_csv(tmp_path / "c.csv", header, table)
+        assert (tmp_path / "c.csv").read_bytes() == csv_module(header, table)

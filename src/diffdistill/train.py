@@ -295,13 +295,14 @@ def _all_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _write_csv(path, header, rows):
+def _write_curve_csv(path, header, rows):
+    """A curve (loss.csv, fid_curve.csv): the int step, then floats as Python's repr writes them (a
+    non-finite FID as nan/inf); CRLF line ends, the csv module's, which the committed curves have."""
+    import pandas as pd
+
+    table = pd.DataFrame([[int(r[0])] + [float(v) for v in r[1:]] for r in rows], columns=header)
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for r in rows:
-                w.writerow([int(r[0])] + [repr(float(v)) for v in r[1:]])
+        table.to_csv(tmp, index=False, lineterminator="\r\n", na_rep="nan")
 
 
 def _try_load_state(path, device, want_hash, steps, legacy_hash=None):
@@ -368,54 +369,105 @@ def train(model_cfg, train_cfg, data, out_dir, init_state_dict=None, eval_fn=Non
 
 def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, device, progress, stop_after,
            world_size, rank):
-    is_main = rank == 0
-    steps, B, mb = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["micro_batch"])
-    local_batch = B // world_size
-    n_micro = local_batch // mb
-    null_class = null_class_index(model_cfg, cfg)
-    conditional = int(model_cfg["num_classes"]) > 0
-    precision, amp_dtype = _resolve_precision(cfg["precision"], device)
-    data_sha = data_fingerprint(images, labels)
-    run_hash = config_hash(model_cfg, cfg, data_sha)
-    state_path = out_dir / "state.pt"
-    fid_now = fid_settings(cfg)
+    """Set up (or resume), then per update: one optimisation step, an FID point and a checkpoint when
+    due; finish with ema.pt and train.json."""
+    run = _Run(model_cfg, cfg, images, labels, out_dir, eval_fn, device, world_size, rank)
+    run.set_up(init_state_dict)
+    steps = run.steps
+    bar = progress_bar(total=steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True,
+                       disable=not (progress and run.is_main))
+    for step in range(run.start, steps):          # this iteration makes update number step + 1
+        loss = run.optimisation_step(step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{run.images_per_second():.1f}")
+        done = step + 1
+        if run.fid_due(done):
+            run.measure_fid(done)
+        stopping = stop_after is not None and run.done_here >= stop_after and done < steps
+        if done % cfg["checkpoint_every"] == 0 or done == steps or stopping:
+            run.write_checkpoint(done)
+        if stopping:
+            bar.close()
+            return run.summary(done, stopped_early=True)
+    bar.close()
+    return run.finish()
 
-    # --- model, EMA, optimizer; the initial weights depend on the seed only
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])
-        model = build_model(model_cfg, cfg)
-        state, why_fresh = _try_load_state(state_path, "cpu", run_hash, steps,
-                                           config_hash(model_cfg, cfg, data_sha, _LEGACY_NOT_HASHED))
-        init_info = None
-        if state is None and init_state_dict is not None:
-            init_info = _load_init(model, init_state_dict)
-    model.to(device).train()
-    ema = copy.deepcopy(model).float().eval().requires_grad_(False)
 
-    no_decay = set(model.no_weight_decay()) if cfg["no_decay_pos_embed"] else set()
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg["weight_decay"]},
-        {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=tuple(cfg["betas"]))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+class _Run:
+    """One call of ``train`` on one process: the model, its EMA and optimizer, and the record of what
+    the run has done (loss history, FID points, best FID, seconds), which state.pt saves and restores.
+    Its methods are the phases of the loop in ``_train``."""
 
-    history, fid_rows = [], []      # (step, loss, lr), (step, fid)
-    fid_earlier = []                # curves measured under earlier FID settings: [{settings, points}]
-    best = {"fid": None, "step": None}
-    start, seconds_before, train_seconds_before, resumed_from = 0, 0.0, 0.0, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = resumed_from = int(state["step"])
-        history, fid_rows = [tuple(r) for r in state["history"]], [tuple(r) for r in state["fid"]]
-        best = dict(state["best"])
-        seconds_before, train_seconds_before = float(state["seconds"]), float(state["train_seconds"])
-        if is_main:
-            log.info("resuming from %s at step %d", state_path, start)
+    def __init__(self, model_cfg, cfg, images, labels, out_dir, eval_fn, device, world_size, rank):
+        self.model_cfg, self.cfg, self.out_dir, self.eval_fn, self.device = model_cfg, cfg, out_dir, eval_fn, device
+        self.images, self.labels = images, labels
+        self.world_size, self.rank, self.is_main = world_size, rank, rank == 0
+        self.steps, self.batch_size, self.micro_batch = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["micro_batch"])
+        self.local_batch = self.batch_size // world_size
+        self.n_micro = self.local_batch // self.micro_batch
+        self.null_class = null_class_index(model_cfg, cfg)
+        self.conditional = int(model_cfg["num_classes"]) > 0
+        self.precision, self.amp_dtype = _resolve_precision(cfg["precision"], device)
+        self.data_sha = data_fingerprint(images, labels)
+        self.run_hash = config_hash(model_cfg, cfg, self.data_sha)
+        self.state_path = out_dir / "state.pt"
+        self.fid_now = fid_settings(cfg)
+        # An eval_fn marked ``distributed`` (fid.make_training_fid's) is called on every rank, which all
+        # sample a share of the FID images, and returns the same value on each; any other runs on rank 0
+        # alone while the others wait at the next collective (see DDP_TIMEOUT_MINUTES).
+        self.distributed_eval = bool(getattr(eval_fn, "distributed", False))
+        # The record of the run, as a fresh run starts it; _resume replaces it with the saved one.
+        self.history, self.fid_rows = [], []      # (step, loss, lr), (step, fid)
+        self.fid_earlier = []                     # curves measured under earlier FID settings: [{settings, points}]
+        self.best = {"fid": None, "step": None}
+        self.start, self.seconds_before, self.train_seconds_before, self.resumed_from = 0, 0.0, 0.0, None
+
+    # ------------------------------------------------------------------ set-up
+
+    def set_up(self, init_state_dict):
+        """Model, EMA, optimizer and data on the device: from state.pt when it belongs to this run, else
+        from the seed (and ``init_state_dict``); then the clock starts."""
+        cfg = self.cfg
+        # The initial weights depend on the seed only.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            self.model = build_model(self.model_cfg, cfg)
+            state, why_fresh = _try_load_state(self.state_path, "cpu", self.run_hash, self.steps,
+                                               config_hash(self.model_cfg, cfg, self.data_sha, _LEGACY_NOT_HASHED))
+            self.init_info = None
+            if state is None and init_state_dict is not None:
+                self.init_info = _load_init(self.model, init_state_dict)
+        self.model.to(self.device).train()
+        self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)
+        self.optimizer = _adamw(self.model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        if state is not None:
+            self._resume(state)
+        elif self.is_main and why_fresh != "no checkpoint":
+            log.warning("starting fresh: %s", why_fresh)
+        del state
+
+        self.net = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.images_dev = torch.as_tensor(self.images).to(self.device)  # uint8: 4× smaller than floats; converted per micro-batch
+        self.labels_dev = torch.as_tensor(self.labels).to(self.device)
+        self.image_shape = (self.images.shape[3], self.images.shape[1], self.images.shape[2])
+        self.t_start, self.train_seconds, self.done_here = time.time(), 0.0, 0
+
+    def _resume(self, state):
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start = self.resumed_from = int(state["step"])
+        self.history, self.fid_rows = [tuple(r) for r in state["history"]], [tuple(r) for r in state["fid"]]
+        self.best = dict(state["best"])
+        self.seconds_before, self.train_seconds_before = float(state["seconds"]), float(state["train_seconds"])
+        if self.is_main:
+            log.info("resuming from %s at step %d", self.state_path, self.start)
         # Changed FID settings (fid_samples, fid_steps, fid_batch_size) resume the run: Snakemake and DVC
         # rerun train_diffusion when any train: value changes, and the rerun lands here instead of at
         # step 0. They change what a point measures (FID is biased by the sample count), so the points
@@ -425,174 +477,189 @@ def _train(model_cfg, cfg, images, labels, out_dir, init_state_dict, eval_fn, de
         # settings; best_ema.pt is replaced at the first new point. A run that had finished (a rerun at
         # step == train.steps) re-measures its final point, so its curve is that one point.
         # A state from before fid_settings were saved hashed its FID settings: they equal fid_now.
-        fid_earlier = list(state.get("fid_earlier", []))
-        fid_before = dict(state.get("fid_settings", fid_now))
-        if fid_before != fid_now and fid_rows:
-            fid_earlier.append({"settings": fid_before, "points": [list(r) for r in fid_rows]})
-            if is_main:
+        self.fid_earlier = list(state.get("fid_earlier", []))
+        fid_before = dict(state.get("fid_settings", self.fid_now))
+        if fid_before != self.fid_now and self.fid_rows:
+            self.fid_earlier.append({"settings": fid_before, "points": [list(r) for r in self.fid_rows]})
+            if self.is_main:
                 log.warning("the FID settings changed (%s -> %s): the %d FID points measured so far leave "
                             "fid_curve.csv (kept in state.pt under fid_earlier); the curve restarts at the "
-                            "next point", fid_before, fid_now, len(fid_rows))
-            fid_rows, best = [], {"fid": None, "step": None}
-    elif is_main and why_fresh != "no checkpoint":
-        log.warning("starting fresh: %s", why_fresh)
-    del state
+                            "next point", fid_before, self.fid_now, len(self.fid_rows))
+            self.fid_rows, self.best = [], {"fid": None, "step": None}
 
-    net = model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # ------------------------------------------------------------------ one optimisation step
 
-    images_dev = torch.as_tensor(images).to(device)   # uint8: 4× smaller than floats; converted per micro-batch
-    labels_dev = torch.as_tensor(labels).to(device)
-    image_shape = (images.shape[3], images.shape[1], images.shape[2])
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-
-    def write_checkpoint(step):
-        # Never replace a good checkpoint with weights that have gone non-finite.
-        if not (_all_finite(model) and _all_finite(ema)):
-            raise TrainingDiverged(f"the weights became NaN/inf by step {step}; the last checkpoint "
-                                   f"({state_path}) is kept. Lower train.lr or use precision: fp32.")
-        if not is_main:
-            return
-        save_torch(state_path, {
-            "step": step, "config_hash": run_hash, "model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "history": [list(r) for r in history], "fid": [list(r) for r in fid_rows], "best": best,
-            "fid_settings": fid_now, "fid_earlier": fid_earlier,
-            "seconds": seconds_before + time.time() - t_start, "train_seconds": train_seconds_before + train_seconds,
-            "model_cfg": model_cfg, "train_cfg": cfg,
-        })
-        _write_csv(out_dir / "loss.csv", ["step", "loss", "lr"], history)
-        if eval_fn is not None:
-            _write_csv(out_dir / "fid_curve.csv", ["step", "fid"], fid_rows)
-
-    # An eval_fn marked ``distributed`` (fid.make_training_fid's) is called on every rank, which all
-    # sample a share of the FID images, and returns the same value on each; any other runs on rank 0
-    # alone while the others wait at the next collective (see DDP_TIMEOUT_MINUTES).
-    distributed_eval = bool(getattr(eval_fn, "distributed", False))
-
-    def evaluate(step):
-        if not (is_main or distributed_eval):
-            return
-        fid = float(eval_fn(ema, step))
-        fid_rows.append((step, fid))
-        if math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
-            best.update(fid=fid, step=step)
-            if is_main:
-                save_torch(out_dir / "best_ema.pt", ema.state_dict())
-        if is_main:
-            log.info("step %d: FID %.4g", step, fid)
-
-    t_start, train_seconds, done_here = time.time(), 0.0, 0
-    bar = progress_bar(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                       disable=not (progress and is_main))
-    for step in range(start, steps):          # this iteration makes update number step + 1
+    def optimisation_step(self, step):
+        """Update number ``step + 1``: the gradient of the global batch drawn for it, AdamW, the EMA.
+        Returns the batch's loss."""
+        cfg = self.cfg
         t0 = time.time()
         lr = lr_at(step + 1, cfg["lr"], cfg["warmup_steps"])
-        for g in optimizer.param_groups:
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
-        draws = draw_step(step, cfg, len(images), image_shape, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
+        draws = draw_step(step, cfg, len(self.images), self.image_shape, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._accumulate_gradients(draws)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss} at step {step + 1} (lr {lr:.3g}, precision {self.precision}); "
+                f"the last good checkpoint {self.state_path} is kept. Lower train.lr (or raise warmup_steps), "
+                f"or use precision: fp32.")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update(self.ema, self.model, cfg["ema_decay"])
+        self.done_here += 1
+        self.history.append((step + 1, loss, lr))
+        self.train_seconds += time.time() - t0
+        return loss
+
+    def _accumulate_gradients(self, draws):
+        """Backward through this process's slice of the global batch, one micro-batch at a time; returns
+        the global batch's mean loss (the same on every process)."""
+        mb, n_micro = self.micro_batch, self.n_micro
+        autocast = ((lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype
+                    else contextlib.nullcontext)
+        loss_sum = torch.zeros((), device=self.device)
         for m in range(n_micro):
-            sl = slice(rank * local_batch + m * mb, rank * local_batch + (m + 1) * mb)
-            idx = draws["idx"][sl].to(device)
-            x0 = to_model_space(images_dev[idx])
-            if cfg["hflip"]:
-                x0 = torch.where(draws["flip"][sl].to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
-            y = None
-            if conditional:
-                y = labels_dev[idx]
-                if null_class is not None:
-                    y = torch.where(draws["drop"][sl].to(device), torch.full_like(y, null_class), y)
+            sl = slice(self.rank * self.local_batch + m * mb, self.rank * self.local_batch + (m + 1) * mb)
+            x0, y = self._micro_batch(draws, sl)
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
-            sync = contextlib.nullcontext() if (world_size == 1 or m == n_micro - 1) else net.no_sync()
+            sync = contextlib.nullcontext() if (self.world_size == 1 or m == n_micro - 1) else self.net.no_sync()
             with sync:
                 with autocast():
-                    loss = diffusion.training_loss(net, x0, y, t=draws["t"][sl], noise=draws["noise"][sl])
+                    loss = diffusion.training_loss(self.net, x0, y, t=draws["t"][sl], noise=draws["noise"][sl])
                 # Each micro-batch loss is a mean over mb samples; dividing by n_micro makes the summed
                 # gradient the mean over this process's slice, and DDP's average over processes makes
                 # it the mean over the global batch.
                 scaled = loss / n_micro
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float() / n_micro
-        if world_size > 1:
+        if self.world_size > 1:
             dist.all_reduce(loss_sum)            # every process sees the same loss and stops together
-            loss_sum /= world_size
-        loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"the training loss became {loss_value} at step {step + 1} (lr {lr:.3g}, precision {precision}); "
-                f"the last good checkpoint {state_path} is kept. Lower train.lr (or raise warmup_steps), "
-                f"or use precision: fp32.")
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        ema_update(ema, model, cfg["ema_decay"])
-        done = step + 1
-        done_here += 1
-        history.append((done, loss_value, lr))
-        train_seconds += time.time() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{done_here * B / max(train_seconds, 1e-9):.1f}")
+            loss_sum /= self.world_size
+        return float(loss_sum)
 
-        if eval_fn is not None and ((cfg["fid_every"] > 0 and done % cfg["fid_every"] == 0) or done == steps):
-            evaluate(done)
-        stopping = stop_after is not None and done_here >= stop_after and done < steps
-        if done % cfg["checkpoint_every"] == 0 or done == steps or stopping:
-            write_checkpoint(done)
-        if stopping:
-            bar.close()
-            return _summary(cfg, history, done, seconds_before + time.time() - t_start,
-                            train_seconds_before + train_seconds, device, precision, world_size, resumed_from,
-                            run_hash, best, null_class, model, init_info, stopped_early=True,
-                            fid_earlier=fid_earlier)
-    bar.close()
+    def _micro_batch(self, draws, sl):
+        """Images in model space (flipped as drawn) and labels (dropped to the null class as drawn)."""
+        device = self.device
+        idx = draws["idx"][sl].to(device)
+        x0 = to_model_space(self.images_dev[idx])
+        if self.cfg["hflip"]:
+            x0 = torch.where(draws["flip"][sl].to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
+        y = None
+        if self.conditional:
+            y = self.labels_dev[idx]
+            if self.null_class is not None:
+                y = torch.where(draws["drop"][sl].to(device), torch.full_like(y, self.null_class), y)
+        return x0, y
 
-    if start == steps and eval_fn is not None and not any(s == steps for s, _ in fid_rows):
-        evaluate(steps)   # resumed a finished state whose final FID was never recorded
-        write_checkpoint(steps)
-    summary = _summary(cfg, history, steps, seconds_before + time.time() - t_start,
-                       train_seconds_before + train_seconds, device, precision, world_size, resumed_from,
-                       run_hash, best, null_class, model, init_info, stopped_early=False, fid_earlier=fid_earlier)
-    if is_main:
-        if start == steps:   # nothing trained in this call: make sure the state's files are all there
-            _write_csv(out_dir / "loss.csv", ["step", "loss", "lr"], history)
-            if eval_fn is not None:
-                _write_csv(out_dir / "fid_curve.csv", ["step", "fid"], fid_rows)
-        save_torch(out_dir / "ema.pt", ema.state_dict())
-        save_json(out_dir / "train.json", summary)
-    if world_size > 1:
-        dist.barrier()    # every process returns once the outputs exist
-    return summary
+    def images_per_second(self):
+        return self.done_here * self.batch_size / max(self.train_seconds, 1e-9)
+
+    # ------------------------------------------------------------------ FID curve
+
+    def fid_due(self, done):
+        every = self.cfg["fid_every"]
+        return self.eval_fn is not None and ((every > 0 and done % every == 0) or done == self.steps)
+
+    def measure_fid(self, step):
+        """One point of the FID curve, of the EMA weights; a new best also saves best_ema.pt."""
+        if not (self.is_main or self.distributed_eval):
+            return
+        fid = float(self.eval_fn(self.ema, step))
+        self.fid_rows.append((step, fid))
+        if math.isfinite(fid) and (self.best["fid"] is None or fid < self.best["fid"]):
+            self.best.update(fid=fid, step=step)
+            if self.is_main:
+                save_torch(self.out_dir / "best_ema.pt", self.ema.state_dict())
+        if self.is_main:
+            log.info("step %d: FID %.4g", step, fid)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def write_checkpoint(self, step):
+        """state.pt (everything a resume needs) and the curves; never over a good one with non-finite weights."""
+        if not (_all_finite(self.model) and _all_finite(self.ema)):
+            raise TrainingDiverged(f"the weights became NaN/inf by step {step}; the last checkpoint "
+                                   f"({self.state_path}) is kept. Lower train.lr or use precision: fp32.")
+        if not self.is_main:
+            return
+        save_torch(self.state_path, {
+            "step": step, "config_hash": self.run_hash, "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "history": [list(r) for r in self.history], "fid": [list(r) for r in self.fid_rows], "best": self.best,
+            "fid_settings": self.fid_now, "fid_earlier": self.fid_earlier,
+            "seconds": self.seconds(), "train_seconds": self.train_seconds_before + self.train_seconds,
+            "model_cfg": self.model_cfg, "train_cfg": self.cfg,
+        })
+        self._write_curves()
+
+    def _write_curves(self):
+        _write_curve_csv(self.out_dir / "loss.csv", ["step", "loss", "lr"], self.history)
+        if self.eval_fn is not None:
+            _write_curve_csv(self.out_dir / "fid_curve.csv", ["step", "fid"], self.fid_rows)
+
+    def seconds(self):
+        """Wall-clock seconds of the run, over every call that resumed it."""
+        return self.seconds_before + time.time() - self.t_start
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self):
+        """ema.pt and train.json once every step is done; returns the summary."""
+        steps = self.steps
+        if self.start == steps and self.eval_fn is not None and not any(s == steps for s, _ in self.fid_rows):
+            self.measure_fid(steps)   # resumed a finished state whose final FID was never recorded
+            self.write_checkpoint(steps)
+        summary = self.summary(steps, stopped_early=False)
+        if self.is_main:
+            if self.start == steps:   # nothing trained in this call: make sure the state's files are all there
+                self._write_curves()
+            save_torch(self.out_dir / "ema.pt", self.ema.state_dict())
+            save_json(self.out_dir / "train.json", summary)
+        if self.world_size > 1:
+            dist.barrier()    # every process returns once the outputs exist
+        return summary
+
+    def summary(self, step, stopped_early):
+        """train.json: what was trained, how fast, to what loss and best FID."""
+        B, history = self.batch_size, self.history
+        seconds, train_seconds = self.seconds(), self.train_seconds_before + self.train_seconds
+        last = [r[1] for r in history[-100:]]
+        return {
+            "steps": step,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(step * B / train_seconds, 3) if train_seconds > 0 else None,
+            "final_loss": history[-1][1] if history else None,
+            "final_loss_mean100": float(np.mean(last)) if last else None,
+            "device": str(self.device),
+            "precision": self.precision,
+            "world_size": self.world_size,
+            "resumed_from": self.resumed_from,
+            "batch_size": B,
+            "micro_batch": self.micro_batch,
+            "null_class": self.null_class,
+            "parameters": count_parameters(self.model),
+            "best_fid": self.best["fid"],
+            "best_fid_step": self.best["step"],
+            "init": None if self.init_info is None else {k: len(v) for k, v in self.init_info.items()},
+            "config_hash": self.run_hash,
+            "stopped_early": stopped_early,
+            # FID points measured under earlier FID settings and left out of fid_curve.csv
+            "fid_points_superseded": sum(len(e["points"]) for e in self.fid_earlier),
+        }
 
 
-def _summary(cfg, history, step, seconds, train_seconds, device, precision, world_size, resumed_from, run_hash,
-             best, null_class, model, init_info, stopped_early, fid_earlier=()):
-    B = int(cfg["batch_size"])
-    last = [r[1] for r in history[-100:]]
-    return {
-        "steps": step,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(step * B / train_seconds, 3) if train_seconds > 0 else None,
-        "final_loss": history[-1][1] if history else None,
-        "final_loss_mean100": float(np.mean(last)) if last else None,
-        "device": str(device),
-        "precision": precision,
-        "world_size": world_size,
-        "resumed_from": resumed_from,
-        "batch_size": B,
-        "micro_batch": int(cfg["micro_batch"]),
-        "null_class": null_class,
-        "parameters": count_parameters(model),
-        "best_fid": best["fid"],
-        "best_fid_step": best["step"],
-        "init": None if init_info is None else {k: len(v) for k, v in init_info.items()},
-        "config_hash": run_hash,
-        "stopped_early": stopped_early,
-        # FID points measured under earlier FID settings and left out of fid_curve.csv
-        "fid_points_superseded": sum(len(e["points"]) for e in fid_earlier),
-    }
+def _adamw(model, cfg):
+    """AdamW over every parameter with train.weight_decay; with no_decay_pos_embed, the model's
+    no_weight_decay() names get none."""
+    no_decay = set(model.no_weight_decay()) if cfg["no_decay_pos_embed"] else set()
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=tuple(cfg["betas"]))
