@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("diffdistill")
@@ -390,166 +391,178 @@ def cmd_dvc_yaml(args):
 
 # ---------------------------------------------------------------- argument parsing
 
+def required(help, **kwargs):
+    return dict(required=True, help=help, **kwargs)
+
+
+def optional(help, **kwargs):
+    return dict(help=help, **kwargs)
+
+
+# Every step's shared arguments; --dataset only for the steps that work on one dataset.
+COMMON_ARGUMENTS = {
+    "--params": optional("params.yaml, then override files, later ones win (repeatable; default params.yaml)",
+                         action="append"),
+    "--log-file": optional("also write the log (and any traceback) to this file", dest="log"),
+    "--threads": optional("CPU threads to compute with (torch and OpenMP); default: torch's own choice",
+                          type=_positive_int),
+    "--device": optional("auto | cpu | cuda | cuda:N; beats params' `device:`. auto: CUDA when there is one; "
+                         "without one a step whose params ask for a GPU (gpus > 0, bf16/fp16) stops "
+                         "unless the CPU is asked for (--device cpu or `device: cpu`)", default="auto"),
+}
+DATASET_ARGUMENT = required("a dataset block of params.yaml (digits, cifar100, tinyimagenet, or your own)")
+
+# The files several steps read, with one help text each.
+REAL_TRAIN = "the real training split, data/DATASET/train.npz"
+REAL_TEST = "the real test split, data/DATASET/test.npz"
+GENERATED = "the generated images, synthetic/DATASET/samples.npz"
+
+
+@dataclass(frozen=True)
+class Step:
+    """A subcommand: ``help`` is the one line `diffdistill --help` lists, ``description`` what
+    `STEP --help` says the step reads and writes; it runs ``cmd_<name>`` (dashes as underscores)."""
+    name: str
+    help: str
+    description: str
+    arguments: dict
+    dataset: bool = True
+
+
+STEPS = (
+    Step("download", "fetch and verify a dataset's archive (data.source, data.checksum)",
+         "Reads DATASET's data.source and data.checksum; writes the archive (checksum-verified, never a "
+         "partial file) to --out. Only kinds with a public archive (cifar100, tinyimagenet) download.",
+         {"--out": optional("where the archive goes; default data/downloads/DATASET/<archive name>")}),
+    Step("prepare", "prepare a dataset into data/{ds}/{train,test}.npz",
+         "Reads the dataset named by DATASET's data.kind: digits (scikit-learn's bundled digits, no "
+         "download), cifar100 / tinyimagenet (the archive of the download step, --archive), or folder (an "
+         "ImageFolder tree, data.root, tested on data.test_root or a fixed stratified split). Writes "
+         "OUT/train.npz and OUT/test.npz (images uint8 [N,H,W,C], labels, classes).",
+         {"--out": required("the folder for train.npz and test.npz (data/DATASET)"),
+          "--archive": optional("the downloaded archive (cifar100, tinyimagenet); "
+                                "default data/downloads/DATASET/<archive name>; unused by digits and folder")}),
+    Step("fetch-weights", "fetch and verify a file of params.yaml's weights:",
+         "Reads the entry NAME of params.yaml's weights: (URL or Google Drive id, checksum); writes the "
+         "file to --out, checksum-verified (a null checksum records the first download's hash beside it).",
+         {"--name": required("a key of params.yaml's weights: block"),
+          "--out": required("where the file goes (weights/<filename>)")}, dataset=False),
+    Step("classifier", "train the reference classifier (ConvNet) on the real training split",
+         "Reads the real training split (--train) and DATASET's classifier section; writes the trained "
+         "ConvNet to --out (its features serve fid_convnet, k-center selection and the audit).",
+         {"--train": required(REAL_TRAIN),
+          "--out": required("the classifier checkpoint, data/DATASET/classifier.pt")}),
+    Step("fid-stats", "FID reference statistics of the real training split",
+         "Reads the real training split and DATASET's fid section (features: inception or convnet); "
+         "writes the mean and covariance of its features to --out.",
+         {"--train": required(REAL_TRAIN),
+          "--classifier": optional("the reference classifier, for fid.features: convnet"),
+          "--out": required("the statistics file, data/DATASET/fid_stats.npz")}),
+    Step("train", "finetune/train the U-ViT (resumes from OUT/state.pt)",
+         "Reads DATA/train.npz, DATASET's model, pretrained and train sections (and the pretrained "
+         "U-ViT they name); writes to OUT: ema.pt (the EMA weights sampling uses), state.pt (resume), "
+         "loss.csv, fid_curve.csv, train.json. Resumes from OUT/state.pt when it exists.",
+         {"--data": required("the folder with train.npz (data/DATASET)"),
+          "--out": required("the checkpoint folder (checkpoints/DATASET)"),
+          "--fid-stats": optional("FID reference statistics for the FID curve (data/DATASET/fid_stats.npz); "
+                                  "without them no curve is measured")}),
+    Step("sample", "timed, class-balanced sampling with the EMA weights",
+         "Reads the EMA weights (--checkpoint) and DATASET's model and sample sections (budget, "
+         "sampler, steps, batch size); samples class-balanced batches until the time budget is spent; "
+         "writes OUT/samples.npz and OUT/manifest.json (count, per-class counts, seconds, images/s, "
+         "timeline, device, sampler).",
+         {"--checkpoint": required("the EMA weights, checkpoints/DATASET/ema.pt"),
+          "--out": required("the folder for samples.npz and manifest.json (synthetic/DATASET)"),
+          "--devices": optional("comma-separated devices to sample on at once (e.g. cuda:0,cuda:1); "
+                                "default: sample.gpus GPUs, or the one --device")}),
+    Step("select", "choose the subset S of the generated images",
+         "Reads the generated images (--samples) and DATASET's select section (all, random, kcenter, "
+         "confidence; images per class); writes the subset S to --out in the same format.",
+         {"--samples": required(GENERATED),
+          "--classifier": optional("the reference classifier, for kcenter and confidence"),
+          "--out": required("the subset, synthetic/DATASET/selected.npz")}),
+    Step("export", "write the challenge's submission tensor",
+         "Reads the selected images (--samples); writes what the challenge's evaluator loads: a bare "
+         "class-major float tensor normalised with the dataset's mean/std (--out) and its int64 labels "
+         "(--labels).",
+         {"--samples": required("the selected images, synthetic/DATASET/selected.npz"),
+          "--out": required("the images tensor, named as the evaluator loads it: .../{ds}.pt"),
+          "--labels": optional("the labels tensor (default: beside --out, {stem}_labels.pt)"),
+          "--images-per-class": optional("default: export.images_per_class in params.yaml; null there: the "
+                                         "smallest class count", type=int),
+          "--png-dir": optional("also write {label}_{index}.png files here")}),
+    Step("evaluate", "train the ConvNet on a set, test on the real test split",
+         "Reads a training set (--train; with --like, a random real subset with that set's per-class "
+         "counts), the real test split and DATASET's evaluate section; trains the challenge's ConvNet "
+         "with one seed and writes its test accuracy, per-class accuracy and loss curve to --out (JSON).",
+         {"--set": required("which training set this run is (names the result)",
+                            choices=["synthetic", "full_real", "random_real"]),
+          "--seed": required("the run's seed (initialisation, shuffling, augmentation)", type=int),
+          "--train": required("the training images (selected.npz, or the real train.npz)"),
+          "--like": optional("random real subset with this set's per-class counts"),
+          "--images-per-class": optional("use the balanced prefix of this size (sweep)", type=int),
+          "--test": required(REAL_TEST),
+          "--out": required("the result JSON, results/DATASET/eval/{set}_seed{seed}.json"),
+          "--state": optional("checkpoint file: resume from it, save to it every evaluate.checkpoint_every "
+                              "epochs; deleted once --out is written")}),
+    Step("summarize", "mean ± std over seeds, baselines, distillation metrics",
+         "Reads the evaluate step's result JSONs (--runs); writes summary.json (per set: mean, "
+         "population std over the seeds, per-seed runs, per-class accuracy and training counts; gain "
+         "over random real, gap to full real) to --out and the dataset's markdown table to --table.",
+         {"--runs": required("the evaluation results, results/DATASET/eval/*.json", nargs="+"),
+          "--out": required("the summary, results/DATASET/summary.json"),
+          "--table": required("the markdown table, results/tables/DATASET_summary.md")}),
+    Step("fid", "FID of the generated set against the real statistics",
+         "Reads the generated images (--samples, the first fid.final_samples) and the reference "
+         "statistics (--stats); writes {fid_inception or fid_convnet, n_samples, seconds} to --out.",
+         {"--samples": required(GENERATED),
+          "--stats": required("the reference statistics, data/DATASET/fid_stats.npz"),
+          "--out": required("the result, results/DATASET/fid.json")}),
+    Step("sweep", "accuracy against images per class; sampling cost against images",
+         "Reads the sampling manifest (its timeline) and the sweep's evaluation results "
+         "({set}_ipc{n}_seed{s}.json); writes the curve, the timeline and the linear fit to --out and the "
+         "sweep figure to --figure.",
+         {"--manifest": required("the sampling manifest, synthetic/DATASET/manifest.json"),
+          "--runs": required("the sweep's results, results/DATASET/sweep/*.json", nargs="+"),
+          "--out": required("the summary, results/DATASET/sweep.json"),
+          "--figure": required("the figure, results/figures/DATASET_sweep.png")}),
+    Step("audit", "memorisation audit: nearest training images of generated ones",
+         "Reads the generated images, the real train and test splits and the reference classifier; "
+         "writes per-image nearest-training-image distances, thresholds and flagged shares (pixel and "
+         "feature space) to --out, a histogram to --hist and the closest pairs to --pairs.",
+         {"--samples": required(GENERATED),
+          "--train": required(REAL_TRAIN),
+          "--test": required(REAL_TEST),
+          "--classifier": required("the reference classifier (feature space), data/DATASET/classifier.pt"),
+          "--out": required("the audit, results/DATASET/audit.json"),
+          "--hist": required("the distance histogram, results/figures/DATASET_audit_distances.png"),
+          "--pairs": required("the closest pairs, results/figures/DATASET_audit_pairs.png")}),
+    Step("report", "the paper's tables and figures",
+         "Reads every dataset's results (summary.json, fid.json, eval/*.json), synthetic/DATASET/ "
+         "samples and manifest, checkpoints/DATASET/ loss.csv, fid_curve.csv, train.json and "
+         "benchmarks/DATASET/train_diffusion.tsv; writes under --out: tables/ (models, fid, results), "
+         "figures/ (fid_curve, leaderboard, class grids, loss), plots/ and DATASET/metrics.json. "
+         "Datasets not run show \"not run\".",
+         {"--datasets": required("the datasets that were run", nargs="+"),
+          "--out": optional("the results folder (default results)", default="results")}, dataset=False),
+    Step("dvc-yaml", "regenerate dvc.yaml from the Snakemake DAG",
+         "Reads the Snakefile, rules/ and params.yaml; writes dvc.yaml (one stage per Snakemake job).",
+         {"--out": optional("the file to write (default dvc.yaml)", default="dvc.yaml"),
+          "--check": optional("fail if the file differs instead of writing it", action="store_true")},
+         dataset=False),
+)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="diffdistill", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-
-    def step(name, func, help, description, dataset=True):
-        # help: the one line `diffdistill --help` lists; description: what `STEP --help` says the
-        # step reads and writes.
-        p = sub.add_parser(name, help=help, description=description)
-        p.add_argument("--params", action="append",
-                       help="params.yaml, then override files, later ones win (repeatable; default params.yaml)")
-        p.add_argument("--log-file", dest="log", help="also write the log (and any traceback) to this file")
-        p.add_argument("--threads", type=_positive_int,
-                       help="CPU threads to compute with (torch and OpenMP); default: torch's own choice")
-        p.add_argument("--device", default="auto",
-                       help="auto | cpu | cuda | cuda:N; beats params' `device:`. auto: CUDA when there is one; "
-                            "without one a step whose params ask for a GPU (gpus > 0, bf16/fp16) stops "
-                            "unless the CPU is asked for (--device cpu or `device: cpu`)")
-        if dataset:
-            p.add_argument("--dataset", required=True, help="a dataset block of params.yaml (digits, cifar100, "
-                                                            "tinyimagenet, or your own)")
-        p.set_defaults(func=func)
-        return p
-
-    p = step("download", cmd_download, "fetch and verify a dataset's archive (data.source, data.checksum)",
-             "Reads DATASET's data.source and data.checksum; writes the archive (checksum-verified, never a "
-             "partial file) to --out. Only kinds with a public archive (cifar100, tinyimagenet) download.")
-    p.add_argument("--out", help="where the archive goes; default data/downloads/DATASET/<archive name>")
-
-    p = step("prepare", cmd_prepare, "prepare a dataset into data/{ds}/{train,test}.npz",
-             "Reads the dataset named by DATASET's data.kind: digits (scikit-learn's bundled digits, no "
-             "download), cifar100 / tinyimagenet (the archive of the download step, --archive), or folder (an "
-             "ImageFolder tree, data.root, tested on data.test_root or a fixed stratified split). Writes "
-             "OUT/train.npz and OUT/test.npz (images uint8 [N,H,W,C], labels, classes).")
-    p.add_argument("--out", required=True, help="the folder for train.npz and test.npz (data/DATASET)")
-    p.add_argument("--archive", help="the downloaded archive (cifar100, tinyimagenet); "
-                                     "default data/downloads/DATASET/<archive name>; unused by digits and folder")
-
-    p = step("fetch-weights", cmd_fetch_weights, "fetch and verify a file of params.yaml's weights:",
-             "Reads the entry NAME of params.yaml's weights: (URL or Google Drive id, checksum); writes the "
-             "file to --out, checksum-verified (a null checksum records the first download's hash beside it).",
-             dataset=False)
-    p.add_argument("--name", required=True, help="a key of params.yaml's weights: block")
-    p.add_argument("--out", required=True, help="where the file goes (weights/<filename>)")
-
-    p = step("classifier", cmd_classifier, "train the reference classifier (ConvNet) on the real training split",
-             "Reads the real training split (--train) and DATASET's classifier section; writes the trained "
-             "ConvNet to --out (its features serve fid_convnet, k-center selection and the audit).")
-    p.add_argument("--train", required=True, help="the real training split, data/DATASET/train.npz")
-    p.add_argument("--out", required=True, help="the classifier checkpoint, data/DATASET/classifier.pt")
-
-    p = step("fid-stats", cmd_fid_stats, "FID reference statistics of the real training split",
-             "Reads the real training split and DATASET's fid section (features: inception or convnet); "
-             "writes the mean and covariance of its features to --out.")
-    p.add_argument("--train", required=True, help="the real training split, data/DATASET/train.npz")
-    p.add_argument("--classifier", help="the reference classifier, for fid.features: convnet")
-    p.add_argument("--out", required=True, help="the statistics file, data/DATASET/fid_stats.npz")
-
-    p = step("train", cmd_train, "finetune/train the U-ViT (resumes from OUT/state.pt)",
-             "Reads DATA/train.npz, DATASET's model, pretrained and train sections (and the pretrained "
-             "U-ViT they name); writes to OUT: ema.pt (the EMA weights sampling uses), state.pt (resume), "
-             "loss.csv, fid_curve.csv, train.json. Resumes from OUT/state.pt when it exists.")
-    p.add_argument("--data", required=True, help="the folder with train.npz (data/DATASET)")
-    p.add_argument("--out", required=True, help="the checkpoint folder (checkpoints/DATASET)")
-    p.add_argument("--fid-stats", help="FID reference statistics for the FID curve (data/DATASET/fid_stats.npz); "
-                                       "without them no curve is measured")
-
-    p = step("sample", cmd_sample, "timed, class-balanced sampling with the EMA weights",
-             "Reads the EMA weights (--checkpoint) and DATASET's model and sample sections (budget, "
-             "sampler, steps, batch size); samples class-balanced batches until the time budget is spent; "
-             "writes OUT/samples.npz and OUT/manifest.json (count, per-class counts, seconds, images/s, "
-             "timeline, device, sampler).")
-    p.add_argument("--checkpoint", required=True, help="the EMA weights, checkpoints/DATASET/ema.pt")
-    p.add_argument("--out", required=True, help="the folder for samples.npz and manifest.json (synthetic/DATASET)")
-    p.add_argument("--devices", help="comma-separated devices to sample on at once (e.g. cuda:0,cuda:1); "
-                                     "default: sample.gpus GPUs, or the one --device")
-
-    p = step("select", cmd_select, "choose the subset S of the generated images",
-             "Reads the generated images (--samples) and DATASET's select section (all, random, kcenter, "
-             "confidence; images per class); writes the subset S to --out in the same format.")
-    p.add_argument("--samples", required=True, help="the generated images, synthetic/DATASET/samples.npz")
-    p.add_argument("--classifier", help="the reference classifier, for kcenter and confidence")
-    p.add_argument("--out", required=True, help="the subset, synthetic/DATASET/selected.npz")
-
-    p = step("export", cmd_export, "write the challenge's submission tensor",
-             "Reads the selected images (--samples); writes what the challenge's evaluator loads: a bare "
-             "class-major float tensor normalised with the dataset's mean/std (--out) and its int64 labels "
-             "(--labels).")
-    p.add_argument("--samples", required=True, help="the selected images, synthetic/DATASET/selected.npz")
-    p.add_argument("--out", required=True, help="the images tensor, named as the evaluator loads it: .../{ds}.pt")
-    p.add_argument("--labels", help="the labels tensor (default: beside --out, {stem}_labels.pt)")
-    p.add_argument("--images-per-class", type=int,
-                   help="default: export.images_per_class in params.yaml; null there: the smallest class count")
-    p.add_argument("--png-dir", help="also write {label}_{index}.png files here")
-
-    p = step("evaluate", cmd_evaluate, "train the ConvNet on a set, test on the real test split",
-             "Reads a training set (--train; with --like, a random real subset with that set's per-class "
-             "counts), the real test split and DATASET's evaluate section; trains the challenge's ConvNet "
-             "with one seed and writes its test accuracy, per-class accuracy and loss curve to --out (JSON).")
-    p.add_argument("--set", required=True, choices=["synthetic", "full_real", "random_real"],
-                   help="which training set this run is (names the result)")
-    p.add_argument("--seed", type=int, required=True, help="the run's seed (initialisation, shuffling, augmentation)")
-    p.add_argument("--train", required=True, help="the training images (selected.npz, or the real train.npz)")
-    p.add_argument("--like", help="random real subset with this set's per-class counts")
-    p.add_argument("--images-per-class", type=int, help="use the balanced prefix of this size (sweep)")
-    p.add_argument("--test", required=True, help="the real test split, data/DATASET/test.npz")
-    p.add_argument("--out", required=True, help="the result JSON, results/DATASET/eval/{set}_seed{seed}.json")
-    p.add_argument("--state", help="checkpoint file: resume from it, save to it every evaluate.checkpoint_every "
-                                   "epochs; deleted once --out is written")
-
-    p = step("summarize", cmd_summarize, "mean ± std over seeds, baselines, distillation metrics",
-             "Reads the evaluate step's result JSONs (--runs); writes summary.json (per set: mean, "
-             "population std over the seeds, per-seed runs, per-class accuracy and training counts; gain "
-             "over random real, gap to full real) to --out and the dataset's markdown table to --table.")
-    p.add_argument("--runs", nargs="+", required=True, help="the evaluation results, results/DATASET/eval/*.json")
-    p.add_argument("--out", required=True, help="the summary, results/DATASET/summary.json")
-    p.add_argument("--table", required=True, help="the markdown table, results/tables/DATASET_summary.md")
-
-    p = step("fid", cmd_fid, "FID of the generated set against the real statistics",
-             "Reads the generated images (--samples, the first fid.final_samples) and the reference "
-             "statistics (--stats); writes {fid_inception or fid_convnet, n_samples, seconds} to --out.")
-    p.add_argument("--samples", required=True, help="the generated images, synthetic/DATASET/samples.npz")
-    p.add_argument("--stats", required=True, help="the reference statistics, data/DATASET/fid_stats.npz")
-    p.add_argument("--out", required=True, help="the result, results/DATASET/fid.json")
-
-    p = step("sweep", cmd_sweep, "accuracy against images per class; sampling cost against images",
-             "Reads the sampling manifest (its timeline) and the sweep's evaluation results "
-             "({set}_ipc{n}_seed{s}.json); writes the curve, the timeline and the linear fit to --out and the "
-             "sweep figure to --figure.")
-    p.add_argument("--manifest", required=True, help="the sampling manifest, synthetic/DATASET/manifest.json")
-    p.add_argument("--runs", nargs="+", required=True, help="the sweep's results, results/DATASET/sweep/*.json")
-    p.add_argument("--out", required=True, help="the summary, results/DATASET/sweep.json")
-    p.add_argument("--figure", required=True, help="the figure, results/figures/DATASET_sweep.png")
-
-    p = step("audit", cmd_audit, "memorisation audit: nearest training images of generated ones",
-             "Reads the generated images, the real train and test splits and the reference classifier; "
-             "writes per-image nearest-training-image distances, thresholds and flagged shares (pixel and "
-             "feature space) to --out, a histogram to --hist and the closest pairs to --pairs.")
-    for name, what in (("samples", "the generated images, synthetic/DATASET/samples.npz"),
-                       ("train", "the real training split, data/DATASET/train.npz"),
-                       ("test", "the real test split, data/DATASET/test.npz"),
-                       ("classifier", "the reference classifier (feature space), data/DATASET/classifier.pt"),
-                       ("out", "the audit, results/DATASET/audit.json"),
-                       ("hist", "the distance histogram, results/figures/DATASET_audit_distances.png"),
-                       ("pairs", "the closest pairs, results/figures/DATASET_audit_pairs.png")):
-        p.add_argument(f"--{name}", required=True, help=what)
-
-    p = step("report", cmd_report, "the paper's tables and figures",
-             "Reads every dataset's results (summary.json, fid.json, eval/*.json), synthetic/DATASET/ "
-             "samples and manifest, checkpoints/DATASET/ loss.csv, fid_curve.csv, train.json and "
-             "benchmarks/DATASET/train_diffusion.tsv; writes under --out: tables/ (models, fid, results), "
-             "figures/ (fid_curve, leaderboard, class grids, loss), plots/ and DATASET/metrics.json. "
-             "Datasets not run show \"not run\".", dataset=False)
-    p.add_argument("--datasets", nargs="+", required=True, help="the datasets that were run")
-    p.add_argument("--out", default="results", help="the results folder (default results)")
-
-    p = step("dvc-yaml", cmd_dvc_yaml, "regenerate dvc.yaml from the Snakemake DAG",
-             "Reads the Snakefile, rules/ and params.yaml; writes dvc.yaml (one stage per Snakemake job).",
-             dataset=False)
-    p.add_argument("--out", default="dvc.yaml", help="the file to write (default dvc.yaml)")
-    p.add_argument("--check", action="store_true", help="fail if the file differs instead of writing it")
+    subparsers = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for step in STEPS:
+        sub = subparsers.add_parser(step.name, help=step.help, description=step.description)
+        arguments = dict(COMMON_ARGUMENTS, **({"--dataset": DATASET_ARGUMENT} if step.dataset else {}))
+        for flag, kwargs in {**arguments, **step.arguments}.items():
+            sub.add_argument(flag, **kwargs)
+        # Looked up now, not when the module loads, so that a replaced cmd_* (a test's) is the one run.
+        sub.set_defaults(func=globals()[f"cmd_{step.name.replace('-', '_')}"])
     return parser
 
 
