@@ -2,6 +2,8 @@
 
 Images live in the model's space [-1, 1]. The network sees ``t · 999`` and predicts the noise ε.
 """
+import math
+
 import torch
 
 BETA_0, BETA_1 = 0.1, 20.0
@@ -56,7 +58,6 @@ def training_loss(net, x0, y=None, t=None, noise=None, generator=None):
 # on the host in float64, so the loop never synchronises the device: its only cost beyond the network
 # calls is a few element-wise ops per step.
 # ----------------------------------------------------------------------------------------------
-import math
 
 VARIANTS = ("fast", "multistep")
 SKIP_TYPES = ("logSNR", "time_uniform")
@@ -208,15 +209,23 @@ def dpm_solver_sample(net, x_T, y=None, steps=50, variant="fast", eps=1e-4, guid
     noise = _noise_model(net, y, guidance_scale, null_class, _net_dtype(net, x.dtype))
 
     if variant == "fast":
-        orders = fast_orders(steps)
-        ts = time_grid(len(orders), 1.0, eps, "logSNR")
-        for i, order in enumerate(orders):
-            x = _singlestep_update(noise, x, ts[i], ts[i + 1], order)
-        return x
+        return _fast_solve(noise, x, steps, eps)
+    return _multistep_solve(noise, x, steps, eps, skip_type or "logSNR")
 
-    # DPM-Solver++(2M): x_t = (σ_t/σ_s)·x_s − α_t (e^{−h} − 1)·D, with D the data prediction
-    # x̂₀ = (x − σ ε̂)/α at s, corrected by a backward difference with the previous x̂₀.
-    ts = time_grid(steps, 1.0, eps, skip_type or "logSNR")
+
+def _fast_solve(noise, x, steps, eps):
+    """DPM-Solver-fast: singlestep segments of orders fast_orders(steps) on a logSNR-uniform grid."""
+    orders = fast_orders(steps)
+    ts = time_grid(len(orders), 1.0, eps, "logSNR")
+    for i, order in enumerate(orders):
+        x = _singlestep_update(noise, x, ts[i], ts[i + 1], order)
+    return x
+
+
+def _multistep_solve(noise, x, steps, eps, skip_type):
+    """DPM-Solver++(2M): x_t = (σ_t/σ_s)·x_s − α_t (e^{−h} − 1)·D, with D the data prediction
+    x̂₀ = (x − σ ε̂)/α at s, corrected by a backward difference with the previous x̂₀."""
+    ts = time_grid(steps, 1.0, eps, skip_type)
     x0_prev, h_prev = None, None
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
