@@ -1,10 +1,9 @@
-"""params.yaml: loading, merging overrides, schema validation; device and seeding helpers."""
+"""params.yaml: loading, merging overrides (and `base:` inheritance), schema validation; which device
+and precision a step runs with."""
 import copy
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -235,9 +234,3 @@ def step_device(params, dataset, section, cli_device="auto"):
             f"in params.yaml or an override file (snakemake --configfile cpu.yaml) or pass --device cpu "
             f"(bf16/fp16 then run as fp32).")
     return torch.device("cpu")
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
