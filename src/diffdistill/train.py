@@ -32,7 +32,6 @@ Conventions:
 """
 import contextlib
 import copy
-import csv
 import datetime
 import functools
 import hashlib
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -298,7 +298,6 @@ def _all_finite(model):
 def _write_curve_csv(path, header, rows):
     """A curve (loss.csv, fid_curve.csv): the int step, then floats as Python's repr writes them (a
     non-finite FID as nan/inf); CRLF line ends, the csv module's, which the committed curves have."""
-    import pandas as pd
 
     table = pd.DataFrame([[int(r[0])] + [float(v) for v in r[1:]] for r in rows], columns=header)
     with atomic_path(path) as tmp:
