@@ -36,7 +36,7 @@ def fixed_model():
     """The tiny U-ViT at a fixed random init (an FID to compare one process with several)."""
     import torch
 
-    from diffdistill.train import build_model
+    from diffdistill.checkpoint import build_model
     torch.manual_seed(123)
     return build_model(TINY_MODEL).eval()
 

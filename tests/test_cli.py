@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from diffdistill import cli
-from diffdistill.train import build_model
+from diffdistill.checkpoint import build_model
 from workflow import REPO
 
 TINY_MODEL = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2,

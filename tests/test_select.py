@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from diffdistill import sample
+from diffdistill import imageset
 from diffdistill.select import coverage_radius, kcenter_greedy, select, select_indices
 
 
@@ -34,7 +34,7 @@ def test_counts_per_class(strategy):
 def test_all_and_random_details():
     s = made_set()
     assert len(select(s, "all", None, 0)["labels"]) == len(s["labels"])
-    np.testing.assert_array_equal(select(s, "all", 3, 0)["images"], sample.balanced_prefix(s, 3)["images"])
+    np.testing.assert_array_equal(select(s, "all", 3, 0)["images"], imageset.balanced_prefix(s, 3)["images"])
     r0, r1 = select_indices(s, "random", 4, seed=0), select_indices(s, "random", 4, seed=1)
     assert not np.array_equal(r0, r1)
     with pytest.raises(ValueError, match="images_per_class"):

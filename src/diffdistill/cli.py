@@ -199,7 +199,9 @@ def cmd_train(args):
 
 def cmd_sample(args):
     from .config import step_device
-    from .sample import check_checkpoint, sample_devices, sample_parallel, write
+    from .checkpoint import check_checkpoint
+    from .parallel import sample_devices, sample_parallel
+    from .sample import write
     params = _params(args)
     block = params[args.dataset]
     if args.devices:   # chosen by hand: each as --device would take it (a CUDA one must exist)
@@ -265,7 +267,7 @@ def cmd_select(args):
 def cmd_export(args):
     from .evaluate import normalization
     from .io import load_npz
-    from .sample import CHALLENGE_IPC, export_challenge, export_pngs
+    from .export import CHALLENGE_IPC, export_challenge, export_pngs
     block = _block(args)
     image_set = load_npz(args.samples)
     train = load_npz(Path("data") / args.dataset / "train.npz")
@@ -283,7 +285,7 @@ def cmd_export(args):
 def cmd_evaluate(args):
     from .evaluate import evaluate_run, normalization, random_real_subset
     from .io import load_npz, save_json
-    from .sample import balanced_prefix
+    from .imageset import balanced_prefix
     params = _params(args)
     device = _device(args, "evaluate", params)
     block = params[args.dataset]

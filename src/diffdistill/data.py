@@ -33,6 +33,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from . import imageset
 from . import io as dio
 from . import weights
 
@@ -47,14 +48,6 @@ class DataError(ValueError):
     """A dataset source is missing or bad; the message names the file and the fix."""
 
 
-def _image_set(images, labels, classes):
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    if images.ndim == 3:
-        images = images[..., None]
-    return {"images": images, "labels": np.asarray(labels, dtype=np.int64),
-            "classes": np.asarray([str(c) for c in classes], dtype=np.str_)}
-
-
 def _stratified_split(labels, test_fraction, split_seed):
     """Fixed stratified split -> (train_idx, test_idx), each sorted."""
     from sklearn.model_selection import train_test_split
@@ -67,11 +60,6 @@ def _stratified_split(labels, test_fraction, split_seed):
         raise DataError(f"cannot make a stratified split with test_fraction={test_fraction}: {e}. Give every "
                         f"class at least 2 images, change test_fraction, or give a test folder") from e
     return np.sort(train_idx), np.sort(test_idx)
-
-
-def _subset(image_set, idx):
-    return {"images": image_set["images"][idx], "labels": image_set["labels"][idx],
-            "classes": image_set["classes"]}
 
 
 def _to_size(img, size, channels=3):
@@ -123,9 +111,9 @@ def _digits(cfg):
     x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [N,1,8,8] in [0,1]
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    full = _image_set(images, d.target, [str(c) for c in range(10)])
+    full = imageset.from_arrays(images, d.target, [str(c) for c in range(10)])
     tr, te = _stratified_split(full["labels"], cfg.get("test_fraction", 0.2), cfg.get("split_seed", 0))
-    return _subset(full, tr), _subset(full, te)
+    return imageset.subset(full, tr), imageset.subset(full, te)
 
 
 # --- downloads -----------------------------------------------------------------------------------
@@ -254,7 +242,7 @@ def _read_cifar_tgz(archive, size, progress):
 
                 images = np.stack([_to_size(Image.fromarray(im), size)
                                    for im in _progress(images, len(images), f"cifar100 {member}", progress)])
-            out.append(_image_set(images, labels, classes))
+            out.append(imageset.from_arrays(images, labels, classes))
     return out[0], out[1]
 
 
@@ -328,7 +316,7 @@ def _read_tiny_zip(archive, size, progress):
             images = np.empty((len(files), size, size, 3), dtype=np.uint8)
             for i, (name, _) in enumerate(_progress(files, len(files), f"tinyimagenet {split}", progress)):
                 images[i] = _decode(zf.read(name), f"{name} in {archive}", size)
-            return _image_set(images, [y for _, y in files], classes)
+            return imageset.from_arrays(images, [y for _, y in files], classes)
 
         return read(train_files, "train"), read(val_files, "val")
 
@@ -370,7 +358,7 @@ def _read_tree(root, classes_files, size, channels, progress):
     images = np.empty((len(files), size, size, channels), dtype=np.uint8)
     for i, (path, _) in enumerate(_progress(files, len(files), f"folder {Path(root).name}", progress)):
         images[i] = _decode(path, str(path), size, channels)
-    return _image_set(images, [y for _, y in files], classes)
+    return imageset.from_arrays(images, [y for _, y in files], classes)
 
 
 def _folder(cfg, progress):
@@ -391,7 +379,7 @@ def _folder(cfg, progress):
     labels = np.array([y for _, y in tree[1]])
     tr, te = _stratified_split(labels, cfg.get("test_fraction", 0.2), cfg.get("split_seed", 0))
     full = _read_tree(root, tree, size, channels, progress)
-    return _subset(full, tr), _subset(full, te)
+    return imageset.subset(full, tr), imageset.subset(full, te)
 
 
 # --- entry points --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ The result is an image set with the selected images in generation order.
 """
 import numpy as np
 
-from .sample import rank_in_class, subset
+from .imageset import rank_in_class, subset
 
 STRATEGIES = ("all", "random", "kcenter", "confidence")
 

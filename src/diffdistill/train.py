@@ -48,16 +48,16 @@ import torch
 import torch.distributed as dist
 
 from diffdistill import diffusion
+from diffdistill.checkpoint import build_model, null_class_index
+# _train's name for the starting-weights loader (rename the call to load_initial_weights when _train is next edited)
+from diffdistill.checkpoint import load_initial_weights as _load_init
 from diffdistill.config import PRECISIONS, TRAIN_PRECISIONS, resolve_device
 from diffdistill.data import to_model_space
 from diffdistill.io import atomic_path, save_json, save_torch
 from diffdistill.progress import progress as progress_bar
-from diffdistill.uvit import UViT, count_parameters
+from diffdistill.uvit import count_parameters
 
 log = logging.getLogger(__name__)
-
-UVIT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-             "qkv_bias", "mlp_time_embed", "num_classes", "conv", "skip")
 
 # Optional train_cfg keys and their defaults (required: steps, batch_size, lr).
 TRAIN_DEFAULTS = {
@@ -104,24 +104,6 @@ class TrainingDiverged(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Model, config
 # ----------------------------------------------------------------------------------------------
-
-def null_class_index(model_cfg, train_cfg=None):
-    """Index of the null (unconditional) class when training with label dropout, else None."""
-    if train_cfg is not None and float(train_cfg.get("label_dropout", 0.0)) > 0:
-        return int(model_cfg["num_classes"])
-    return None
-
-
-def build_model(model_cfg, train_cfg=None):
-    """The U-ViT of ``model_cfg``; with ``train_cfg.label_dropout > 0`` one extra (null) class."""
-    kwargs = {k: model_cfg[k] for k in UVIT_ARGS if k in model_cfg}
-    unknown = sorted(set(model_cfg) - set(UVIT_ARGS))
-    if unknown:
-        raise ValueError(f"model config has unknown keys {unknown}; the U-ViT arguments are {list(UVIT_ARGS)}")
-    if null_class_index(model_cfg, train_cfg) is not None:
-        kwargs["num_classes"] = int(model_cfg["num_classes"]) + 1
-    return UViT(**kwargs)
-
 
 def settings(train_cfg):
     """train_cfg with the defaults filled in (what the run actually uses, and what is hashed)."""
@@ -275,20 +257,6 @@ def _resolve_precision(requested, device):
         log.warning("this GPU has no bf16: running fp32 (set precision: fp16 to use fp16 autocast)")
         return "fp32", None
     return requested, PRECISIONS[requested]
-
-
-def _load_init(model, init):
-    """Load starting weights from a state dict or a checkpoint file (a released U-ViT ``.pth``):
-    strictly when every key and shape matches, else adapt a pretrained U-ViT through
-    weights.init_from_pretrained (which raises listing what does not fit)."""
-    from diffdistill import weights
-
-    state_dict, source = weights.load_checkpoint(init)  # a path or a dict; unwraps {'model': …}, 'module.'
-    own = model.state_dict()
-    if set(state_dict) == set(own) and all(tuple(state_dict[k].shape) == tuple(own[k].shape) for k in own):
-        model.load_state_dict(state_dict, strict=True)
-        return {"copied": sorted(own), "fresh": []}
-    return weights.init_from_pretrained(model, state_dict, source=source)
 
 
 def _all_finite(model):

@@ -1,9 +1,8 @@
-"""Remote files and pretrained weights.
+"""Remote files: fetch and verify.
 
-``fetch`` brings a file (Google Drive id, http(s) URL or local path) to a fixed place and verifies it;
-``init_from_pretrained`` loads a released U-ViT checkpoint into a class-conditional model with a new
-class count ("initialise from the pretrained weights excluding the label layer");
-``load_state_dict_checked`` is a strict load whose error says which architecture the file is for.
+``fetch`` brings a file (Google Drive id, http(s) URL or local path) to a fixed place and verifies it
+against a checksum (or records one: trust on first use). What is in a weights file, and how it is
+loaded into a model, is checkpoint.py's job.
 """
 from .io import file_digest
 import http.client
@@ -16,8 +15,6 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -223,145 +220,3 @@ def fetch(source, dest, checksum=None, progress=True):
         if tmp.exists():
             tmp.unlink()
     return dest
-
-
-# --------------------------------------------------------------------------------------------------
-# U-ViT state dicts
-
-_WRAPPERS = ("state_dict", "model", "nnet_ema", "nnet", "ema")
-
-
-def load_checkpoint(sd_or_path):
-    """A state dict from a dict or a file; unwraps {'model': ...}-style wrappers and DDP's 'module.'."""
-    source = "state dict"
-    sd = sd_or_path
-    if isinstance(sd_or_path, (str, os.PathLike)):
-        source = str(sd_or_path)
-        if not Path(sd_or_path).is_file():
-            raise FileNotFoundError(f"checkpoint {sd_or_path} does not exist; fetch it first "
-                                    f"(snakemake weights/…, or python -m diffdistill fetch-weights)")
-        sd = torch.load(sd_or_path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{source} is not a state dict (got {type(sd).__name__})")
-    if not any(torch.is_tensor(v) for v in sd.values()):
-        for key in _WRAPPERS:
-            if isinstance(sd.get(key), dict):
-                sd = sd[key]
-                break
-    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    if not sd:
-        raise ValueError(f"{source} holds no tensors; is it a U-ViT checkpoint?")
-    return sd, source
-
-
-def describe_uvit(sd):
-    """What a U-ViT state dict is for: classes, image size, channels, width, depth (best effort)."""
-    d = {}
-    w = sd.get("patch_embed.proj.weight")
-    pos = sd.get("pos_embed")
-    if w is not None and w.dim() == 4:
-        d["embed_dim"], d["in_chans"], p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-        d["patch_size"] = p
-        extras = 2 if "label_emb.weight" in sd else 1
-        if pos is not None and pos.dim() == 3:
-            side = (pos.shape[1] - extras) ** 0.5
-            if side == int(side):
-                d["img_size"] = int(side) * p
-    d["num_classes"] = int(sd["label_emb.weight"].shape[0]) if "label_emb.weight" in sd else 0
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("in_blocks.")}
-    d["depth"] = 2 * len(blocks)
-    return d
-
-
-def _fmt(desc):
-    classes = f"{desc['num_classes']} classes" if desc.get("num_classes") else "unconditional"
-    parts = [classes, f"{desc.get('img_size', '?')} px", f"{desc.get('in_chans', '?')} channels",
-             f"patch {desc.get('patch_size', '?')}", f"D {desc.get('embed_dim', '?')}",
-             f"depth {desc.get('depth', '?')}"]
-    return " / ".join(parts)
-
-
-def _mismatch_report(model_sd, sd):
-    lines = []
-    for k in sorted(set(model_sd) & set(sd)):
-        if tuple(model_sd[k].shape) != tuple(sd[k].shape):
-            lines.append(f"  {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}")
-    missing = sorted(set(model_sd) - set(sd))
-    unexpected = sorted(set(sd) - set(model_sd))
-    if missing:
-        lines.append(f"  missing in checkpoint ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-        lines.append(f"  unexpected in checkpoint ({len(unexpected)}): " + ", ".join(unexpected))
-    return lines
-
-
-def init_from_pretrained(model, state_dict, source=None):
-    """Initialise ``model`` from a pretrained U-ViT "excluding the label layer" (DESIGN.md).
-
-    - unconditional checkpoint (no ``label_emb``, ``pos_embed`` one token shorter) into a conditional
-      model: ``pos_embed[:, 0:]`` of the checkpoint goes to ``pos_embed[:, 1:]`` (the label token is new,
-      at index 0); ``label_emb`` stays as initialised;
-    - conditional checkpoint with another class count: everything but ``label_emb`` is copied.
-    Any other difference raises ValueError listing every mismatched key with both shapes.
-    Returns ``dict(copied=[...], fresh=[...])`` (parameter names; the pos_embed split is spelled out).
-    ``source`` names the file in errors when ``state_dict`` was already loaded from one.
-    """
-    sd, loaded_from = load_checkpoint(state_dict)
-    source = source or loaded_from
-    model_sd = model.state_dict()
-    conditional = "label_emb.weight" in model_sd
-    copied, fresh, problems = [], [], []
-    plan = {}
-
-    for key, target in model_sd.items():
-        src = sd.get(key)
-        if key == "label_emb.weight" and (src is None or (src.dim() == 2 and src.shape[1] == target.shape[1])):
-            fresh.append(key)  # a new class count or a new label layer: never copied
-        elif (key == "pos_embed" and conditional and "label_emb.weight" not in sd and src is not None
-              and src.dim() == 3 and src.shape[0] == 1 and src.shape[1] == target.shape[1] - 1
-              and src.shape[2] == target.shape[2]):
-            plan[key] = ("shift", src)
-            copied.append("pos_embed[:, 1:]")
-            fresh.append("pos_embed[:, 0]")
-        elif src is None:
-            problems.append(f"  {key}: missing in checkpoint (model {tuple(target.shape)})")
-        elif tuple(src.shape) != tuple(target.shape):
-            problems.append(f"  {key}: checkpoint {tuple(src.shape)} vs model {tuple(target.shape)}")
-        else:
-            plan[key] = ("copy", src)
-            copied.append(key)
-    for key in sorted(set(sd) - set(model_sd)):
-        problems.append(f"  {key}: unexpected in checkpoint {tuple(sd[key].shape)}")
-    if problems:
-        raise ValueError(
-            f"{source} ({_fmt(describe_uvit(sd))}) cannot initialise this model "
-            f"({_fmt(describe_uvit(model_sd))}): only the label layer may differ. Mismatches:\n"
-            + "\n".join(problems)
-            + "\nFix the 'model:' block in params.yaml to the checkpoint's architecture, or choose another "
-              "'pretrained:' entry.")
-
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for key, (how, src) in plan.items():
-            if how == "shift":
-                params[key][:, 1:].copy_(src)
-            else:
-                params[key].copy_(src)
-    return dict(copied=copied, fresh=fresh)
-
-
-def load_state_dict_checked(model, sd_or_path):
-    """Strict ``load_state_dict`` whose error names the architecture of the file and of the model."""
-    sd, source = load_checkpoint(sd_or_path)
-    model_sd = model.state_dict()
-    lines = _mismatch_report(model_sd, sd)
-    if lines:
-        raise ValueError(
-            f"checkpoint {source} is for {_fmt(describe_uvit(sd))} but the model built from params.yaml "
-            f"is {_fmt(describe_uvit(model_sd))}. Mismatched keys:\n" + "\n".join(lines)
-            + "\nFix the 'model:' block in params.yaml, or retrain (delete the checkpoint) for the new model.")
-    model.load_state_dict(sd, strict=True)
-    return model

@@ -1,4 +1,4 @@
-"""Sampling one run on several devices: the shard split, the merge, failures, and the CLI.
+"""diffdistill.parallel: sampling one run on several devices: the shard split, the merge, failures, and the CLI.
 
 The worker processes are real (spawned, each loading the checkpoint); on this machine their devices
 are CPUs, which exercises everything but CUDA itself."""
@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from diffdistill import sample
+from diffdistill import parallel
 from diffdistill.io import file_digest, load_npz
-from diffdistill.train import build_model
+from diffdistill.checkpoint import MissingCheckpointError, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -40,8 +40,8 @@ def cfg(**kw):
 
 def test_cap_run_on_two_workers_is_the_one_device_run(checkpoint):
     # 15 images in batches of 4: worker 0 draws batches 0 and 2, worker 1 batches 1 and 3 (3 images).
-    one, man1 = sample.sample_parallel(TINY, checkpoint, cfg(), K, ["cpu"], progress=False)
-    two, man2 = sample.sample_parallel(TINY, checkpoint, cfg(), K, ["cpu", "cpu"], progress=False)
+    one, man1 = parallel.sample_parallel(TINY, checkpoint, cfg(), K, ["cpu"], progress=False)
+    two, man2 = parallel.sample_parallel(TINY, checkpoint, cfg(), K, ["cpu", "cpu"], progress=False)
     np.testing.assert_array_equal(two["labels"], one["labels"])
     np.testing.assert_array_equal(two["images"], one["images"])
     assert man2["count"] == 15 and man2["per_class"] == [5, 5, 5] and man2["dropped_for_balance"] == 0
@@ -57,7 +57,7 @@ def test_cap_run_on_two_workers_is_the_one_device_run(checkpoint):
 
 def test_budget_run_on_two_workers_is_balanced_and_reproducible_per_batch(checkpoint):
     # Batches of 5 over 3 classes: batches that each worker happens to finish leave the counts uneven.
-    got, man = sample.sample_parallel(TINY, checkpoint, cfg(budget_seconds=2.0, max_per_class=None, batch_size=5),
+    got, man = parallel.sample_parallel(TINY, checkpoint, cfg(budget_seconds=2.0, max_per_class=None, batch_size=5),
                                       K, ["cpu", "cpu"], progress=False)
     workers = man["workers"]
     assert len(workers) == 2 and all(w["num_batches"] >= 1 for w in workers)
@@ -69,7 +69,7 @@ def test_budget_run_on_two_workers_is_balanced_and_reproducible_per_batch(checkp
     # Every merged image is the image the one-device run draws at some index with the same label.
     last_batch = max(2 * (w["num_batches"] - 1) + rank for rank, w in enumerate(workers))
     per_class = -(-(last_batch + 1) * 5 // K)
-    ref, _ = sample.sample_parallel(TINY, checkpoint, cfg(max_per_class=per_class, batch_size=5), K, ["cpu"],
+    ref, _ = parallel.sample_parallel(TINY, checkpoint, cfg(max_per_class=per_class, batch_size=5), K, ["cpu"],
                                     progress=False)
     known = {(img.tobytes(), int(lab)) for img, lab in zip(ref["images"], ref["labels"])}
     assert all((img.tobytes(), int(lab)) in known for img, lab in zip(got["images"], got["labels"]))
@@ -88,17 +88,17 @@ def made_part(batches, bs=4, k=K):
 
 def test_merge_restores_run_order_and_trims_to_balance():
     # Worker 0 finished batches 0, 2, 4; worker 1 only 1 (it was slower): run images 0-11 and 16-19.
-    merged, man = sample.merge_shards([made_part([0, 2, 4]), made_part([1])], K)
+    merged, man = parallel.merge_shards([made_part([0, 2, 4]), made_part([1])], K)
     kept = merged["images"].reshape(-1).tolist()
     assert kept == sorted(kept)  # the run's order, not the workers'
     # Indices 0-11 and 16-19 have labels counted 5/6/5: within one of each other, all kept.
     assert np.bincount(merged["labels"], minlength=K).tolist() == [5, 6, 5] == man["per_class"]
     assert man["dropped_for_balance"] == 0 and man["count"] == 16
     # A run that is more uneven loses its latest extra images of the crowded classes.
-    merged, man = sample.merge_shards([made_part([0, 2, 4], bs=2), made_part([1], bs=2)], K)
+    merged, man = parallel.merge_shards([made_part([0, 2, 4], bs=2), made_part([1], bs=2)], K)
     # indices 0-5, 8-9 → labels 0,1,2,0,1,2,2,0 → counts 3/2/3; m = 2 so nothing goes
     assert man["dropped_for_balance"] == 0
-    merged, man = sample.merge_shards([made_part([0, 2], bs=1), made_part([4, 5, 8], bs=1)], K)
+    merged, man = parallel.merge_shards([made_part([0, 2], bs=1), made_part([4, 5, 8], bs=1)], K)
     # indices 0,2,4,5,8 → labels 0,2,1,2,2 → counts 1/1/3: class 2 keeps its first two (2 and 5)
     assert merged["images"].reshape(-1).tolist() == [0, 2, 4, 5]
     assert man["dropped_for_balance"] == 1 and man["per_class"] == [1, 1, 2]
@@ -107,27 +107,27 @@ def test_merge_restores_run_order_and_trims_to_balance():
 
 def test_merge_refuses_overlapping_shards():
     with pytest.raises(ValueError, match="same batch"):
-        sample.merge_shards([made_part([0, 2]), made_part([2, 3])], K)
+        parallel.merge_shards([made_part([0, 2]), made_part([2, 3])], K)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_failing_worker_stops_the_run_and_names_its_device(checkpoint):
     with pytest.raises(RuntimeError, match=r"cuda:0 \(worker 1 of 2\).*nothing was written"):
-        sample.sample_parallel(TINY, checkpoint, cfg(), K, ["cpu", "cuda:0"], progress=False)
+        parallel.sample_parallel(TINY, checkpoint, cfg(), K, ["cpu", "cuda:0"], progress=False)
 
 
 def test_missing_checkpoint_fails_before_any_worker(tmp_path):
-    with pytest.raises(sample.MissingCheckpointError, match="does not exist"):
-        sample.sample_parallel(TINY, tmp_path / "nope.pt", cfg(), K, ["cpu", "cpu"], progress=False)
+    with pytest.raises(MissingCheckpointError, match="does not exist"):
+        parallel.sample_parallel(TINY, tmp_path / "nope.pt", cfg(), K, ["cpu", "cpu"], progress=False)
 
 
 def test_sample_devices(monkeypatch):
-    assert sample.sample_devices(4, "cpu") == [torch.device("cpu")]
-    assert sample.sample_devices(1, "cuda:1") == [torch.device("cuda", 1)]
+    assert parallel.sample_devices(4, "cpu") == [torch.device("cpu")]
+    assert parallel.sample_devices(1, "cuda:1") == [torch.device("cuda", 1)]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert sample.sample_devices(2, "cuda") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert parallel.sample_devices(2, "cuda") == [torch.device("cuda", 0), torch.device("cuda", 1)]
     with pytest.raises(ValueError, match="sample.gpus is 4 but only 2 CUDA devices"):
-        sample.sample_devices(4, "cuda")
+        parallel.sample_devices(4, "cuda")
 
 
 def test_cli_samples_on_two_devices(checkpoint, tmp_path):
