@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from diffdistill import diffusion
-from diffdistill.train import (TrainingDiverged, batch_indices, build_model, draw_step, ema_update, lr_at,
-                               null_class_index, settings, train)
+from diffdistill.checkpoint import build_model, null_class_index
+from diffdistill.train import TrainingDiverged, batch_indices, draw_step, ema_update, lr_at, settings, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import TINY_MODEL, TINY_TRAIN, make_data  # noqa: E402

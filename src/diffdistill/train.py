@@ -28,7 +28,7 @@ Conventions:
   ``ema.pt`` builds the same shape; the sampler gets ``null_class=null_class_index(...)``.
 * Initial weights: ``build_model`` under ``torch.manual_seed(train.seed)``; then, if given,
   ``init_state_dict`` (a state dict or the path of a checkpoint file; one of exactly that model's
-  shapes is loaded strictly, anything else goes through ``weights.init_from_pretrained``, e.g. a released U-ViT checkpoint).
+  shapes is loaded strictly, anything else goes through ``checkpoint.init_from_pretrained``, e.g. a released U-ViT checkpoint).
 """
 import contextlib
 import copy
@@ -48,9 +48,7 @@ import torch
 import torch.distributed as dist
 
 from diffdistill import diffusion
-from diffdistill.checkpoint import build_model, null_class_index
-# _train's name for the starting-weights loader (rename the call to load_initial_weights when _train is next edited)
-from diffdistill.checkpoint import load_initial_weights as _load_init
+from diffdistill.checkpoint import build_model, load_initial_weights, null_class_index
 from diffdistill.config import PRECISIONS, TRAIN_PRECISIONS, resolve_device
 from diffdistill.data import to_model_space
 from diffdistill.io import atomic_path, save_json, save_torch
@@ -102,7 +100,7 @@ class TrainingDiverged(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, config
+# Settings
 # ----------------------------------------------------------------------------------------------
 
 def settings(train_cfg):
@@ -403,7 +401,7 @@ class _Run:
                                                config_hash(self.model_cfg, cfg, self.data_sha, _LEGACY_NOT_HASHED))
             self.init_info = None
             if state is None and init_state_dict is not None:
-                self.init_info = _load_init(self.model, init_state_dict)
+                self.init_info = load_initial_weights(self.model, init_state_dict)
         self.model.to(self.device).train()
         self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)
         self.optimizer = _adamw(self.model, cfg)
