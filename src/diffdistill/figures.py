@@ -101,7 +101,6 @@ def fig_fid_curve(curves, out, kinds=None, return_axes=False):
     return {"curves": data, "ylabel": ylabel} if return_axes else data
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Fig. 4: the Track 2 leaderboard and ours
 
@@ -201,7 +200,6 @@ def fig_leaderboard(measured, out):
     save_fig(fig, out)
     return {"groups": groups, "panels": {"challenge": challenge, "other": other}, "bars": bars,
             "not_run": not_run, "labels": labels, "collisions": collisions}
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +307,6 @@ def fig_class_grid(samples, out_paths, per_grid=100, cols=10, source="samples.np
     return grids
 
 
-
 # ----------------------------------------------------------------------------------------------
 # training curves
 
@@ -367,7 +364,6 @@ def fig_loss_curves(loss_csv, out, eval_jsons=(), title=None):
     save_fig(fig, out)
     return {"diffusion": {"step": step.tolist(), "loss": loss.tolist(), "smoothed": smoothed.tolist()},
             "convnet": runs, "lines": len(axes[0, 1].get_lines()) if runs else 0}
-
 
 
 # ----------------------------------------------------------------------------------------------
