@@ -1,7 +1,5 @@
 """FID: the in-memory computation equals pytorch-fid's own on PNG files, with test-made Inception
 weights that both load from one local file (pytorch-fid is never allowed to download)."""
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import pytorch_fid.inception as pfi
 from pytorch_fid import fid_score
 
 from diffdistill import fid
+from diffdistill.classifier import train_reference_classifier
 
 N = 6  # images per set: Inception at 299 px on a shared CPU costs ~0.5 s per image
 
@@ -129,7 +128,7 @@ def _reference_classifier(tmp_path, images, width=8, epochs=1):
     eval_cfg = {"depth": 3, "width": width, "epochs": epochs, "batch_size": 10, "lr": 0.01, "momentum": 0.9,
                 "weight_decay": 5e-4, "dsa": False, "mean": None, "std": None}
     path = tmp_path / "classifier.pt"
-    fid.train_reference_classifier(train, eval_cfg, path, progress=False)
+    train_reference_classifier(train, eval_cfg, path, progress=False)
     return train, path
 
 

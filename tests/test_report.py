@@ -1,4 +1,5 @@
-"""report.py: every table and figure built from made inputs, content checked."""
+"""report.py, tables.py, figures.py, results.py: every table and figure built from made inputs, content
+checked."""
 import csv
 import json
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from diffdistill import report
+from diffdistill import figures, report, results, tables
 from diffdistill.io import save_json, save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def _image_set(k, n_per_class, hw=8, c=1, seed=0):
 
 def make_run(root, ds, k=10, steps=(0, 100, 200), fid=12.5, fid_key="fid_convnet", seconds=61.25):
     """Write every file the pipeline produces for one dataset."""
-    p = report.dataset_paths(ds, root)
+    p = results.dataset_paths(ds, root)
     save_json(p["summary"], _summary(k=k))
     # as the evaluate step writes them: "name" is the set, the same for every seed
     for s in range(3):
@@ -66,7 +67,7 @@ def make_run(root, ds, k=10, steps=(0, 100, 200), fid=12.5, fid_key="fid_convnet
 
 
 def test_table_models_counts_parameters_from_instantiated_models(tmp_path):
-    rows = report.table_models({"cifar100": S2_100, "tinyimagenet": M4_200}, tmp_path / "m.md", tmp_path / "m.csv")
+    rows = tables.table_models({"cifar100": S2_100, "tinyimagenet": M4_200}, tmp_path / "m.md", tmp_path / "m.csv")
     cif, tin = rows
     assert cif["parameters"] == 44_307_040
     assert cif["model"] == "U-ViT-S/2" and tin["model"] == "U-ViT-M/4"
@@ -81,13 +82,13 @@ def test_table_models_counts_parameters_from_instantiated_models(tmp_path):
 
 def test_table_fid_reads_fid_sampler_and_benchmark(tmp_path):
     p = make_run(tmp_path, "digits", fid=12.5, seconds=61.25)
-    rows = report.table_fid({"digits": p, "cifar100": report.dataset_paths("cifar100", tmp_path)},
+    rows = tables.table_fid({"digits": p, "cifar100": results.dataset_paths("cifar100", tmp_path)},
                             tmp_path / "fid.md", tmp_path / "fid.csv")
     d, c = rows
     assert d["_fid"] == 12.5 and d["fid_features"] == "ConvNet"
     assert d["sampler"] == "DPM-Solver (fast)" and d["steps"] == 50
     assert d["_train_seconds"] == pytest.approx(61.25) and d["train_hms"] == "0:01:01"
-    assert d["train_time_source"] == report.TRAIN_TIME_BENCHMARK
+    assert d["train_time_source"] == tables.TRAIN_TIME_BENCHMARK
     assert c["fid"] == "not run" and c["train_seconds"] == "not run" and c["paper_fid"] == 39.85
     assert "12.50" in (tmp_path / "fid.md").read_text()
 
@@ -96,27 +97,27 @@ def test_table_fid_reads_the_benchmark_the_training_rule_writes(tmp_path):
     """The path the report reads is the one rules/diffusion.smk's benchmark: directive names; without
     it (dvc repro) the time is train.json's, and the table says so."""
     smk = (ROOT / "rules" / "diffusion.smk").read_text()
-    bench = report.dataset_paths("{ds}", ".")["benchmark"].as_posix()
+    bench = results.dataset_paths("{ds}", ".")["benchmark"].as_posix()
     assert f'"{bench}"' in smk
     p = make_run(tmp_path, "digits", seconds=61.25)
     p["benchmark"].unlink()
-    (row,) = report.table_fid({"digits": p}, tmp_path / "fid.md")
-    assert row["_train_seconds"] == 50.0 and row["train_time_source"] == report.TRAIN_TIME_TRAIN_JSON
+    (row,) = tables.table_fid({"digits": p}, tmp_path / "fid.md")
+    assert row["_train_seconds"] == 50.0 and row["train_time_source"] == tables.TRAIN_TIME_TRAIN_JSON
     assert "| train.json | cpu |" in (tmp_path / "fid.md").read_text()
 
 
 def test_benchmark_mean_over_repeats_and_bad_file(tmp_path):
     b = tmp_path / "b.tsv"
     b.write_text("s\th:m:s\tmax_rss\n10.0\t0:00:10\t1\n20.0\t0:00:20\t1\n")
-    assert report.read_benchmark_seconds(b) == 15.0
+    assert results.read_benchmark_seconds(b) == 15.0
     b.write_text("time\n3\n")
     with pytest.raises(ValueError, match="benchmark"):
-        report.read_benchmark_seconds(b)
+        results.read_benchmark_seconds(b)
 
 
 def test_table_results_and_summary(tmp_path):
     p = make_run(tmp_path, "digits")
-    rows = report.table_results({"digits": p, "cifar100": report.dataset_paths("cifar100", tmp_path)},
+    rows = tables.table_results({"digits": p, "cifar100": results.dataset_paths("cifar100", tmp_path)},
                                 tmp_path / "r.md", tmp_path / "r.csv")
     d, c = rows
     assert d["synthetic"] == "0.9000 ± 0.0100" and d["random_real"] == "0.8000 ± 0.0200"
@@ -129,7 +130,7 @@ def test_table_results_and_summary(tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "population standard deviation" in md and "(3 seeds)" in md
     assert c["synthetic"] == "not run" and c["fid"] == "not run"
-    out = report.table_summary(p["summary"], tmp_path / "s.md", dataset="digits")
+    out = tables.table_summary(p["summary"], tmp_path / "s.md", dataset="digits")
     assert [r["set"] for r in out["rows"]] == ["synthetic", "random_real", "full_real"]
     text = (tmp_path / "s.md").read_text()
     assert "0.8900, 0.9000, 0.9100" in text and "per-class accuracy" in text
@@ -141,14 +142,14 @@ def test_images_per_class_from_recorded_training_counts(tmp_path):
     s = json.loads(p["summary"].read_text())
     s["synthetic"]["per_class_train_counts"] = [9] * 5 + [11] * 5
     save_json(p["summary"], s)
-    (row,) = report.table_results({"digits": p}, tmp_path / "r.md")
+    (row,) = tables.table_results({"digits": p}, tmp_path / "r.md")
     assert row["images_per_class"] == "9–11"
 
 
 def test_fig_fid_curve_one_line_per_dataset(tmp_path):
     a = make_run(tmp_path, "digits", steps=(0, 50, 100, 150))
     b = make_run(tmp_path, "cifar100", k=3, steps=(500, 1000))
-    data = report.fig_fid_curve({"digits": a["fid_curve"], "cifar100": b["fid_curve"],
+    data = figures.fig_fid_curve({"digits": a["fid_curve"], "cifar100": b["fid_curve"],
                                  "tinyimagenet": tmp_path / "missing.csv"}, tmp_path / "fid.png")
     assert set(data) == {"digits", "cifar100"}
     assert data["digits"]["step"] == [0, 50, 100, 150] and data["cifar100"]["fid"] == [100.0, 50.0]
@@ -162,15 +163,15 @@ def test_fig_fid_curve_one_line_per_dataset(tmp_path):
 ])
 def test_fig_fid_curve_axis_names_the_features(tmp_path, kinds, ylabel):
     curves = {ds: make_run(tmp_path, ds, k=3)["fid_curve"] for ds in kinds}
-    out = report.fig_fid_curve(curves, tmp_path / "fid.png", kinds=kinds, return_axes=True)
+    out = figures.fig_fid_curve(curves, tmp_path / "fid.png", kinds=kinds, return_axes=True)
     assert out["ylabel"] == ylabel and set(out["curves"]) == set(kinds)
 
 
 def test_fig_leaderboard_bars_and_not_run(tmp_path, monkeypatch):
     p = make_run(tmp_path, "cifar100", k=4)
     figs = []
-    monkeypatch.setattr(report, "_save_fig", lambda fig, out: (figs.append(fig), Path(out).write_bytes(b"x")))
-    data = report.fig_leaderboard({"cifar100": p["summary"], "tinyimagenet": None, "digits": _summary()},
+    monkeypatch.setattr(figures, "save_fig", lambda fig, out: (figs.append(fig), Path(out).write_bytes(b"x")))
+    data = figures.fig_leaderboard({"cifar100": p["summary"], "tinyimagenet": None, "digits": _summary()},
                                   tmp_path / "lb.png")
     assert data["groups"] == ["cifar100", "tinyimagenet", "digits"]
     assert data["panels"] == {"challenge": ["cifar100", "tinyimagenet"], "other": ["digits"]}
@@ -201,7 +202,7 @@ def test_fig_leaderboard_labels_never_collide(tmp_path):
     of every other label and of every bar (the old figure printed "10.921" into its bar)."""
     digits = json.loads((ROOT / "results" / "digits" / "summary.json").read_text())
     measured = {"cifar100": _summary(syn=0.3700), "tinyimagenet": _summary(syn=0.2330), "digits": digits}
-    data = report.fig_leaderboard(measured, tmp_path / "lb.png")
+    data = figures.fig_leaderboard(measured, tmp_path / "lb.png")
     assert data["collisions"] == []
     assert data["labels"] == ["0.370", "0.233", f"{digits['synthetic']['mean']:.3f}"]
 
@@ -210,9 +211,9 @@ def test_fig_leaderboard_labels_never_collide(tmp_path):
 def test_fig_class_grid_sizes(tmp_path, k, grids, shape):
     s = _image_set(k, 1, hw=4, c=3 if k > 10 else 1)
     s["labels"] = s["labels"][::-1].copy()  # first image of class j is not at index j
-    outs = report.class_grid_paths("ds", k, tmp_path)
+    outs = figures.class_grid_paths("ds", k, tmp_path)
     assert len(outs) == grids
-    res = report.fig_class_grid(s, outs)
+    res = figures.fig_class_grid(s, outs)
     assert len(res) == grids and all(Path(o).exists() for o in outs)
     assert res[0]["shape"] == shape and sum(len(g["classes"]) for g in res) == k
     assert res[-1]["classes"][-1] == f"class{k - 1}"
@@ -221,13 +222,13 @@ def test_fig_class_grid_sizes(tmp_path, k, grids, shape):
         assert min(g["fontsizes"]) >= 8 and g["collisions"] == []
         assert "first image of each class" in g["subtitle"]
     with pytest.raises(ValueError, match="output paths"):
-        report.fig_class_grid(s, outs[:1] if grids == 2 else outs * 2)
+        figures.fig_class_grid(s, outs[:1] if grids == 2 else outs * 2)
 
 
 def test_fig_class_grid_long_names_fit(tmp_path):
     s = _image_set(20, 1, hw=16, c=3)
     s["classes"] = np.array([f"n0{i:07d}, a rather long class name {i}" for i in range(20)])
-    (g,) = report.fig_class_grid(s, [tmp_path / "g.png"])
+    (g,) = figures.fig_class_grid(s, [tmp_path / "g.png"])
     assert g["collisions"] == [] and min(g["fontsizes"]) >= 8
 
 
@@ -238,7 +239,7 @@ def test_fig_loss_curves(tmp_path):
             save_json(p["eval_dir"] / f"{name}_seed{s}.json", {"accuracy": 0.9, "loss_curve": [2.0, 1.0 + s],
                                                                "seed": s, "name": name})
     evals = sorted(p["eval_dir"].glob("*.json"))
-    data = report.fig_loss_curves(p["loss"], tmp_path / "loss.png", eval_jsons=evals)
+    data = figures.fig_loss_curves(p["loss"], tmp_path / "loss.png", eval_jsons=evals)
     assert data["diffusion"]["step"][:2] == [1, 2] and data["diffusion"]["loss"][0] == 0.5
     # every seed of every set is drawn, each with its own curve (runs were keyed by set name, and
     # each seed overwrote the last)
@@ -300,7 +301,7 @@ def test_metrics_files_are_the_committed_dvc_yamls_and_hold_numbers_only():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     declared = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
     assert declared == {"results/digits/metrics.json"}
-    m = report.metrics({"digits": report.dataset_paths("digits", ROOT)})["digits"]
+    m = report.metrics({"digits": results.dataset_paths("digits", ROOT)})["digits"]
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _leaves(m))
     assert set(m) == set(report.METRIC_KEYS) | {"fid_convnet"}
 
@@ -313,7 +314,7 @@ def test_dvc_metrics_show_fits_120_columns(tmp_path, datasets):
     files = []
     for ds in datasets:
         if ds == "digits":  # the committed results of the default run
-            paths = report.dataset_paths("digits", ROOT)
+            paths = results.dataset_paths("digits", ROOT)
         else:
             paths = make_run(tmp_path / "made", ds, fid_key="fid_inception")
         out = tmp_path / "results" / ds / "metrics.json"
@@ -338,7 +339,7 @@ def test_summarize_records_training_counts_and_the_table_shows_them(tmp_path):
     assert summary["synthetic"]["per_class_train_counts"] == [10, 10, 10, 10]
     assert summary["synthetic"]["n_seeds"] == 2
     save_json(tmp_path / "summary.json", summary)
-    (row,) = report.table_results({"digits": {"summary": tmp_path / "summary.json"}}, tmp_path / "r.md")
+    (row,) = tables.table_results({"digits": {"summary": tmp_path / "summary.json"}}, tmp_path / "r.md")
     assert row["images_per_class"] == "10" and row["seeds"] == "2" and row["sampled"] == "not run"
-    report.table_summary(tmp_path / "summary.json", tmp_path / "s.md", dataset="digits")
+    tables.table_summary(tmp_path / "summary.json", tmp_path / "s.md", dataset="digits")
     assert "(10 per class)" in (tmp_path / "s.md").read_text()

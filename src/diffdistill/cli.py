@@ -147,7 +147,7 @@ def cmd_fetch_weights(args):
 
 
 def cmd_classifier(args):
-    from .fid import train_reference_classifier
+    from .classifier import train_reference_classifier
     from .io import load_npz
     params = _params(args)
     device = _device(args, "classifier", params)
@@ -318,7 +318,7 @@ def cmd_evaluate(args):
 def cmd_summarize(args):
     from .evaluate import summarize
     from .io import load_json, save_json
-    from .report import table_summary
+    from .tables import table_summary
     summary = summarize([load_json(p) for p in args.runs])
     save_json(args.out, summary)
     table_summary(args.out, args.table, dataset=args.dataset)
@@ -342,7 +342,7 @@ def cmd_fid(args):
 
 
 def cmd_sweep(args):
-    from .audit import summarize_sweep, write_sweep
+    from .sweep import summarize_sweep, write_sweep
     from .io import load_json
     block = _block(args)
     result = summarize_sweep(args.runs, load_json(args.manifest), num_classes=block["model"]["num_classes"])

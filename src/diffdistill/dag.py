@@ -54,7 +54,7 @@ STEP_MODULES = {
     "download_data": ["data.py", "imageset.py", "weights.py"],
     "prepare_data": ["data.py", "imageset.py"],
     "fetch_weights": ["weights.py"],
-    "reference_classifier": ["fid.py", "convnet.py", "evaluate.py", "augment.py"],
+    "reference_classifier": ["classifier.py", "fid.py", "convnet.py", "evaluate.py", "augment.py"],
     "fid_stats": ["fid.py"],
     "train_diffusion": ["data.py", "imageset.py", "uvit.py", "diffusion.py", "train.py", "checkpoint.py",
                         "weights.py", "fid.py", "sample.py"],
@@ -62,12 +62,12 @@ STEP_MODULES = {
     "select": ["select.py", "imageset.py", "fid.py"],
     "export_challenge": ["export.py", "imageset.py", "evaluate.py"],
     "evaluate": ["convnet.py", "augment.py", "evaluate.py", "imageset.py"],
-    "summarize": ["evaluate.py"],
+    "summarize": ["evaluate.py", "tables.py", "results.py"],
     "sweep_evaluate": ["convnet.py", "augment.py", "evaluate.py", "imageset.py"],
-    "sweep_summary": ["audit.py", "report.py"],
-    "audit": ["audit.py", "fid.py"],
+    "sweep_summary": ["sweep.py", "figures.py", "results.py"],
+    "audit": ["audit.py", "figures.py", "results.py", "fid.py"],
     "fid": ["fid.py"],
-    "report": ["report.py", "uvit.py"],
+    "report": ["report.py", "tables.py", "figures.py", "results.py", "uvit.py"],
 }
 
 # DVC metrics and plots among the outputs. `dvc metrics show` prints one table whose columns are the

@@ -5,9 +5,9 @@ Two feature extractors, reported under their own names and never mixed:
   weights (pt_inception-2015-12-05) loaded from a local file we fetched and verified; pytorch-fid is
   never allowed to download anything. Inputs go through pytorch-fid's own resize to 299 (bilinear) and
   [0,1] -> [-1,1] scaling, so numbers are comparable with ``python -m pytorch_fid``.
-- ``convnet`` (``fid_convnet``): the challenge ConvNet trained on the real training data (for tiny
-  images such as ``digits``, where Inception features mean little); its weights are saved beside the
-  statistics.
+- ``convnet`` (``fid_convnet``): the penultimate features of the reference classifier, the challenge
+  ConvNet trained on the real training data (``classifier.py``; for tiny images such as ``digits``,
+  where Inception features mean little). ``ConvNetFeatures`` is that classifier as saved and loaded.
 """
 import logging
 from contextlib import contextmanager
@@ -238,29 +238,6 @@ def _stats_subset(train_set, fid_cfg):
         idx = np.sort(np.random.default_rng(fid_cfg.get("seed", 0)).permutation(len(images))[:n])
         images = images[idx]
     return images
-
-
-def train_reference_classifier(train_set, eval_cfg, out_path, epochs=None, seed=0, device="cpu", progress=True):
-    """Train the reference classifier: the challenge ConvNet on the REAL training split.
-
-    Its penultimate features give ``fid_convnet`` (for tiny images such as digits, where Inception
-    features mean little), the feature space of k-center selection and of the memorisation audit, and
-    its softmax the scores of ``confidence`` selection. Saved with the normalisation it was trained with.
-    """
-    from . import evaluate
-
-    cfg = dict(eval_cfg)
-    if epochs is not None:
-        cfg["epochs"] = int(epochs)
-    mean, std = evaluate.normalization(cfg, train_set["images"])
-    model, history = evaluate.train_classifier(train_set, cfg, int(seed), device, progress, mean=mean, std=std)
-    n, h, w, c = train_set["images"].shape
-    args = dict(in_channels=c, num_classes=len(train_set["classes"]), image_size=h,
-                depth=int(cfg.get("depth", 3)), width=int(cfg.get("width", 128)))
-    ConvNetFeatures(model.cpu(), mean, std).save(out_path, args)
-    log.info("reference classifier (%d epochs, final train accuracy %.3f) -> %s", cfg["epochs"],
-             history["train_acc"][-1] if history.get("train_acc") else float("nan"), out_path)
-    return history
 
 
 def write_stats(fid_cfg, train_set, out_path, inception_weights=None, classifier_path=None, device="cpu",
