@@ -174,7 +174,56 @@ def _settings(eval_cfg):
             "epoch": _epochs(eval_cfg), "batch_size": int(eval_cfg.get("batch_size", 256)),
             "lr": float(eval_cfg.get("lr", 0.01)), "momentum": float(eval_cfg.get("momentum", 0.9)),
             "weight_decay": float(eval_cfg.get("weight_decay", 5e-4)),
-            "dsa": bool(eval_cfg.get("dsa", True)), "dsa_strategy": eval_cfg.get("dsa_strategy", DEFAULT_STRATEGY)}
+            "dsa": bool(eval_cfg.get("dsa", True)), "dsa_strategy": eval_cfg.get("dsa_strategy", DEFAULT_STRATEGY),
+            **({"labels": "soft", "temperature": _temperature(eval_cfg)} if _soft(eval_cfg) else {})}
+
+
+LABELS = ("hard", "soft")
+
+
+def _soft(eval_cfg):
+    labels = eval_cfg.get("labels", "hard") or "hard"
+    if labels not in LABELS:
+        raise ValueError(f"evaluate: labels must be one of {list(LABELS)}, got {labels!r}; fix evaluate.labels "
+                         f"in params.yaml (hard: the challenge's protocol; soft: DD-Ranking's soft-label one).")
+    return labels == "soft"
+
+
+def _temperature(eval_cfg):
+    t = eval_cfg.get("temperature", 4.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+        raise ValueError(f"evaluate: temperature must be a number > 0, got {t!r}; fix evaluate.temperature.")
+    return float(t)
+
+
+def soft_label_loss(student_logits, teacher_logits, temperature):
+    """DD-Ranking's soft-label objective: KL(teacher ‖ student) of the temperature-softened
+    distributions, averaged over the batch and scaled by T² so its gradient keeps the size of the
+    hard-label loss's (Hinton et al.'s distillation)."""
+    t = float(temperature)
+    log_student = F.log_softmax(student_logits / t, dim=1)
+    teacher = F.softmax(teacher_logits.detach() / t, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean") * (t * t)
+
+
+class Teacher:
+    """The reference classifier as a soft-label teacher on the student's batches.
+
+    The student's inputs are normalised with the evaluation's mean/std, the teacher was trained with
+    its own: the batch is mapped from one normalisation to the other (an affine map per channel)
+    before the teacher sees it, so it labels exactly the (augmented) images the student trains on.
+    """
+
+    def __init__(self, convnet, teacher_mean, teacher_std, eval_mean, eval_std, device, identity=""):
+        as_t = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
+        self.net = convnet.to(device).eval()
+        self.scale = as_t(eval_std) / as_t(teacher_std)
+        self.shift = (as_t(eval_mean) - as_t(teacher_mean)) / as_t(teacher_std)
+        self.identity = identity            # the classifier file's digest: part of the run's identity
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return self.net(x * self.scale + self.shift)
 
 
 def _checkpoint_every(eval_cfg):
@@ -200,9 +249,10 @@ def _code_fingerprint():
     return h.hexdigest()
 
 
-def run_hash(eval_cfg, seed, images, labels, mean, std, num_classes):
+def run_hash(eval_cfg, seed, images, labels, mean, std, num_classes, teacher=""):
     """Identity of an evaluation run, for resuming: resolved settings (``_settings``), seed, number
-    of classes, normalisation, the training images and labels, and the training code."""
+    of classes, normalisation, the training images and labels, the training code, and for soft
+    labels the teacher (its file's digest)."""
     images = np.ascontiguousarray(images)
     h = hashlib.sha256()
     h.update(str((tuple(images.shape), str(images.dtype))).encode())
@@ -210,7 +260,8 @@ def run_hash(eval_cfg, seed, images, labels, mean, std, num_classes):
     h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).data)
     blob = json.dumps({"settings": _settings(eval_cfg), "seed": int(seed), "num_classes": int(num_classes),
                        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-                       "data": h.hexdigest(), "code": _code_fingerprint()}, sort_keys=True)
+                       "data": h.hexdigest(), "code": _code_fingerprint(),
+                       **({"teacher": teacher} if teacher else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -242,7 +293,7 @@ def _load_state(path, want_hash, epochs_run, drop_after):
 
 
 def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num_classes=None,
-                     mean=None, std=None, state_path=None, stop_after=None):
+                     mean=None, std=None, state_path=None, stop_after=None, teacher=None):
     """Train the evaluation ConvNet on ``train_set`` with the challenge's recipe (module docstring).
 
     ``state_path``: resume from this file when it holds a state of the same run (``run_hash``), and
@@ -250,6 +301,8 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
     resume). The caller deletes it once the result is safely written (``cmd_evaluate`` does).
     ``stop_after=n``: return after this call has trained n epochs, with the state saved, as if the
     job had been killed there (for tests).
+    ``teacher`` (a ``Teacher``, with ``evaluate.labels: soft``): the loss is ``soft_label_loss``
+    against the teacher's logits on the same augmented batch instead of cross-entropy on the labels.
 
     Returns ``(model, history)``; history has per-epoch ``loss`` (mean over images), ``train_acc``
     (on the augmented batches), ``lr`` (the lr used during that epoch), plus ``epochs`` (epochs
@@ -269,6 +322,9 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
         raise ValueError(f"evaluate: mean/std have {len(mean)} values but the images have "
                          f"{images.shape[3]} channels; fix evaluate.mean/std in params.yaml.")
     s = _settings(eval_cfg)
+    if (teacher is not None) != _soft(eval_cfg):
+        raise ValueError("evaluate: evaluate.labels is soft but no teacher was given (or a teacher without "
+                         "labels: soft); soft labels come from the reference classifier (--teacher).")
     epochs_run, drop_after = schedule(eval_cfg)
     every = _checkpoint_every(eval_cfg)
 
@@ -291,7 +347,8 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
     history = {"loss": [], "train_acc": [], "lr": []}
     start, seconds_before = 0, 0.0
 
-    want_hash = run_hash(eval_cfg, seed, images, labels, mean, std, num_classes) if state_path else None
+    want_hash = (run_hash(eval_cfg, seed, images, labels, mean, std, num_classes,
+                          teacher=teacher.identity if teacher is not None else "") if state_path else None)
     if state_path:
         state, why = _load_state(state_path, want_hash, epochs_run, drop_after)
         if why:
@@ -334,7 +391,10 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
             if s["dsa"]:
                 x = dsa(x, aug_gen, strategy=s["dsa_strategy"])
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            if teacher is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                loss = soft_label_loss(logits, teacher(x), s["temperature"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -377,13 +437,13 @@ def predict(model, images, mean, std, device="cpu", batch_size=1024):
 
 
 def evaluate_run(train_set, test_set, eval_cfg, seed, device="cpu", progress=True, name=None,
-                 mean=None, std=None, state_path=None):
+                 mean=None, std=None, state_path=None, teacher=None):
     """One evaluation run: train on ``train_set`` (seed), test on the whole ``test_set``.
 
     ``mean``/``std``: the normalisation; when None, ``normalization(eval_cfg, train_set["images"])``
     — for synthetic and random-real runs pass the real training split's values instead.
     ``state_path``: checkpoint/resume file of the training (``train_classifier``); it is left in
-    place, the caller deletes it after writing the result.
+    place, the caller deletes it after writing the result. ``teacher``: soft labels (``Teacher``).
     Returns a JSON-ready dict: name, seed, accuracy, per_class_accuracy (None for a class absent
     from the test set), n_train, per_class_train_counts, epochs (trained: Epoch + 1),
     challenge_epoch (Epoch), lr_drop_after_epoch, resumed_from_epoch, loss_curve, train_acc_curve,
@@ -396,7 +456,8 @@ def evaluate_run(train_set, test_set, eval_cfg, seed, device="cpu", progress=Tru
     if mean is None or std is None:
         mean, std = normalization(eval_cfg, train_set["images"])
     model, history = train_classifier(train_set, eval_cfg, seed, device=device, progress=progress,
-                                      num_classes=num_classes, mean=mean, std=std, state_path=state_path)
+                                      num_classes=num_classes, mean=mean, std=std, state_path=state_path,
+                                      teacher=teacher)
     t0 = time.perf_counter()
     test_labels = np.asarray(test_set["labels"]).astype(np.int64)
     pred = predict(model, test_set["images"], mean, std, device=device)
