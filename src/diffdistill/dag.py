@@ -49,6 +49,7 @@ STEP_THREADS = {
 }
 
 # The package modules each step runs (DVC `deps:`), so a code change reruns what it affects.
+# cluster.py is not among them: only Snakemake reads it (jobs' Slurm requests), no step's command runs it.
 _CORE = ["config.py", "io.py", "cli.py", "progress.py"]
 STEP_MODULES = {
     "download_data": ["data.py", "weights.py"],
