@@ -1,10 +1,15 @@
-# Shared helpers: validated params, the files each dataset's run produces, the CLI call.
+# Shared glue: validated params, the wildcards-to-inputs helpers and targets of each dataset's run, the
+# CLI call, and the cluster requests of src/diffdistill/cluster.py bound to this run's config.
+import os
 import re
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
+
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run from a checkout without installing
 
+from diffdistill import cluster
 from diffdistill.config import resolve_bases
 from diffdistill.config import validate as validate_params
 from diffdistill.dag import STEP_PARAMS, STEP_THREADS, param_value
@@ -77,15 +82,9 @@ def select_classifier_input(w):
     return [f"data/{w.ds}/classifier.pt"] if config[w.ds]["select"]["strategy"] in ("kcenter", "confidence") else []
 
 
-def gpus(ds, step):
-    """The GPUs a step's params ask for (`{ds}.{step}.gpus`)."""
-    return int(config[ds][step].get("gpus", 0))
-
-
-def gpu_request(ds, step):
-    """The GPUs a step's job asks the scheduler for: none when `device: cpu` runs the GPU configuration
-    on CPUs on purpose (the rehearsal), else its params' count."""
-    return 0 if config.get("device") == "cpu" else gpus(ds, step)
+def gpus(ds, section):
+    """The GPUs a params section asks for (`{ds}.{section}.gpus`): torchrun's process count."""
+    return cluster.section_gpus(config, ds, section)
 
 
 def seeds(ds):
@@ -142,163 +141,23 @@ def report_inputs(w):
 
 
 # --------------------------------------------------------------------------------------------------
-# Cluster requests (read by snakemake-executor-plugin-slurm; a local run ignores them).
-#
-# GPU routing: whatever the rule, a job that asks for a GPU goes to the GPU partition with the GPU
-# model, and every other job to SBATCH_PARTITION. The partition depends on the job's own GPU count
-# (params), which a Snakemake profile cannot see, so it is decided here from the same environment
-# variables slurm/config.yaml documents. Empty values leave the choice to the profile / cluster.
-import math
-import os
+# Cluster requests (read by snakemake-executor-plugin-slurm; a local run ignores them). What each job
+# asks for is derived in src/diffdistill/cluster.py; here it is bound to this run's config and jobs.
 
-_CPU_PARTITION = os.environ.get("SBATCH_PARTITION", "")
-_GPU_PARTITION = os.environ.get("DIFFDISTILL_GPU_PARTITION", "") or _CPU_PARTITION
-_GPU_MODEL = os.environ.get("DIFFDISTILL_GPU_MODEL", "")
+# Partitions and GPU model from the environment variables slurm/config.yaml documents.
+SLURM_TARGETS = cluster.SlurmTargets.from_environ(os.environ)
 
-# The params section whose `gpus` a step's job asks for.
-GPU_SECTION = {
-    "train_diffusion": "train",
-    "sample": "sample",
-    "evaluate": "evaluate",
-    "sweep_evaluate": "evaluate",
-    "reference_classifier": "classifier",
-    "audit": "classifier",  # the reference classifier's features
-    "fid": "fid",
-    "fid_stats": "fid",
-}
-
-
-def _cluster():
-    return config.get("cluster") or {}
-
-
-def _throughput(ds):
-    return (_cluster().get("throughput") or {}).get(ds)
-
-
-def _num_classes(ds):
-    return int(config[ds]["model"]["num_classes"])
-
-
-def _train_images(ds):
-    return int(_throughput(ds)["train_images"])
-
-
-def _sample_rate(ds, steps):
-    """Images/s of one GPU at `steps` network calls (measured at 50: the cost is linear in calls)."""
-    return float(_throughput(ds)["sample_images_per_s"]) * 50.0 / int(steps)
-
-
-def _convnet_rate(ds, width):
-    """ConvNet training images/s at the dataset's size; measured at width 128, where the two w×w convs
-    dominate, so other widths scale by (128/width)²."""
-    return float(_throughput(ds)["convnet_images_per_s"]) * (128.0 / int(width)) ** 2
-
-
-def _inception_rate():
-    return float(_cluster().get("inception_images_per_s", 500))
-
-
-def expected_synthetic_images(ds):
-    """The selected synthetic set's expected size: what the budget buys on sample.gpus GPUs, capped by
-    max_per_class, then by select.images_per_class."""
-    s, k = config[ds]["sample"], _num_classes(ds)
-    n = math.inf
-    if s.get("budget_seconds"):
-        n = float(s["budget_seconds"]) * _sample_rate(ds, s["steps"]) * max(1, int(s.get("gpus", 0)))
-    if s.get("max_per_class"):
-        n = min(n, int(s["max_per_class"]) * k)
-    ipc = config[ds]["select"].get("images_per_class")
-    if ipc:
-        n = min(n, int(ipc) * k)
-    return n
-
-
-def _eval_epochs(section):
-    # range(Epoch + 1): the challenge's evaluator runs one epoch more than `epochs` says.
-    return (100 if section.get("variant") == "short100" else int(section["epochs"])) + 1
-
-
-def _convnet_seconds(ds, section, images):
-    return _eval_epochs(section) * images / _convnet_rate(ds, section["width"])
-
-
-def _work_seconds(step, w):
-    """The work of one job in GPU-seconds at the measured throughputs (no margin)."""
-    ds, p = w.ds, config[w.ds]
-    if step == "evaluate":
-        # random_real draws the synthetic set's per-class counts from the real split: at most all of it.
-        n = {"full_real": _train_images(ds), "synthetic": expected_synthetic_images(ds),
-             "random_real": min(expected_synthetic_images(ds), _train_images(ds))}[w.set]
-        return _convnet_seconds(ds, p["evaluate"], n)
-    if step == "sweep_evaluate":
-        return _convnet_seconds(ds, p["evaluate"], int(w.n) * _num_classes(ds))
-    if step == "reference_classifier":
-        return _convnet_seconds(ds, p["classifier"], _train_images(ds))
-    if step == "fid_stats":
-        return min(_train_images(ds), p["fid"].get("stats_samples") or math.inf) / _inception_rate()
-    if step == "fid":
-        return int(p["fid"]["final_samples"]) / _inception_rate()
-    if step == "sample":
-        s = p["sample"]
-        if s.get("budget_seconds"):
-            return float(s["budget_seconds"])
-        rate = _sample_rate(ds, s["steps"]) * max(1, int(s.get("gpus", 0)))
-        return int(s["max_per_class"]) * _num_classes(ds) / rate
-    if step == "train_diffusion":
-        t = p["train"]
-        steps = int(t["steps"])
-        # DDP: the global batch is split over the GPUs (linear scaling assumed; not measured).
-        seconds = steps * float(_throughput(ds)["train_step_s"]) / max(1, int(t.get("gpus", 0)))
-        # The FID curve: rank 0 alone samples fid_samples images and embeds them, every fid_every steps.
-        every = int(t.get("fid_every", 0))
-        points = (steps // every if every else 0) + 1
-        per_point = (int(t["fid_samples"]) / _sample_rate(ds, t.get("fid_steps", 50))
-                     + int(t["fid_samples"]) / _inception_rate())
-        return seconds + points * per_point
-    return None
-
-
-def needed_minutes(step, w):
-    """Estimated minutes of a GPU job at the measured throughputs, or None where there is no estimate
-    (a CPU job, or a dataset without a `cluster.throughput` entry)."""
-    if step not in GPU_SECTION or gpu_request(w.ds, GPU_SECTION[step]) == 0 or _throughput(w.ds) is None:
-        return None
-    work = _work_seconds(step, w)
-    return None if work is None else work / 60.0
-
-
-def requested_minutes(step, w, default):
-    """Slurm's time limit: margin × estimate + overhead, capped at the partition's limit (training is the
-    one step that can exceed it: it resumes from state.pt when retried). CPU jobs: the rule's value."""
-    need = needed_minutes(step, w)
-    if need is None:
-        return default
-    c = _cluster()
-    want = math.ceil(float(c.get("margin", 2.0)) * need + float(c.get("overhead_minutes", 10)))
-    return min(want, int(c.get("max_runtime_minutes", 2880)))
-
-
-def _warn_without_throughput():
-    from snakemake.logging import logger
-
-    for ds in DATASETS:
-        if _throughput(ds) is None and any(gpus(ds, section) for section in set(GPU_SECTION.values())):
-            logger.warning(f"params: cluster.throughput has no entry for '{ds}', whose steps ask for GPUs: on "
-                           f"Slurm they get the rules' fixed time limits. Add one (see cifar100's) for limits "
-                           f"derived from the work.")
-
-
-_warn_without_throughput()
+for message in cluster.throughput_warnings(config, DATASETS):
+    logger.warning(message)
 
 
 def gpu_job(step, runtime):
     """The resources of a step that may run on GPUs: its GPU count (params), Slurm time limit (derived;
     `runtime` for CPU jobs), and the partition and GPU model that go with its GPU count."""
-    count = lambda w: gpu_request(w.ds, GPU_SECTION[step])
+    count = lambda w: cluster.step_gpus(config, step, w.ds)
     return {
         "gpu": count,
-        "runtime": lambda w: requested_minutes(step, w, runtime),
-        "slurm_partition": lambda w: (_GPU_PARTITION if count(w) else _CPU_PARTITION) or None,
-        "gpu_model": lambda w: (_GPU_MODEL if count(w) else "") or None,
+        "runtime": lambda w: cluster.requested_minutes(config, step, w, runtime),
+        "slurm_partition": lambda w: SLURM_TARGETS.partition(count(w)),
+        "gpu_model": lambda w: SLURM_TARGETS.model(count(w)),
     }

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import needs_slurm
+from test_cluster import paper_need_minutes as _need_minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PROFILE = ROOT / "tests" / "slurm" / "profile"
@@ -87,7 +88,7 @@ def _gpu(resources):
     return int(resources.get("gpu", 0))
 
 
-# Which params section's `gpus` each rule's job asks for (rules/common.smk, GPU_SECTION).
+# Which params section's `gpus` each rule's job asks for (diffdistill/cluster.py, GPU_SECTION).
 GPU_SECTIONS = {"train_diffusion": "train", "sample": "sample", "evaluate": "evaluate", "sweep_evaluate": "evaluate",
                 "reference_classifier": "classifier", "audit": "classifier", "fid": "fid", "fid_stats": "fid"}
 PARTITION_ENV = ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "DIFFDISTILL_GPU_PARTITION", "DIFFDISTILL_GPU_MODEL")
@@ -128,48 +129,6 @@ def test_profile_dry_run_gpu_requests(tmp_path):
         assert r.get("gpu_model") == ("a100" if _gpu(r) else None), job
     evaluate = {j["wildcards"]["ds"]: j["resources"]["slurm_partition"] for j in jobs if j["rule"] == "evaluate"}
     assert evaluate == {"digits": "cpu", "cifar100": "gpu"}
-
-
-def _need_minutes(job, params, retries):
-    """What a paper job needs at the throughputs of params.yaml's cluster block (one H100, measured):
-    this test's own reading of the formula documented in slurm/config.yaml, without the margin."""
-    c, ds, w = params["cluster"], job["wildcards"]["ds"], job["wildcards"]
-    p, t = params[ds], params["cluster"]["throughput"][ds]
-    k = p["model"]["num_classes"]
-    sample_rate = t["sample_images_per_s"] * 50 / p["sample"]["steps"]
-    synthetic = p["sample"]["budget_seconds"] * sample_rate * p["sample"]["gpus"]
-    if p["sample"].get("max_per_class"):
-        synthetic = min(synthetic, p["sample"]["max_per_class"] * k)
-    if p["select"].get("images_per_class"):
-        synthetic = min(synthetic, p["select"]["images_per_class"] * k)
-
-    def convnet(section, images):  # range(Epoch + 1) epochs
-        return (section["epochs"] + 1) * images / (t["convnet_images_per_s"] * (128 / section["width"]) ** 2)
-
-    rule = job["rule"]
-    if rule == "evaluate":
-        images = {"full_real": t["train_images"], "synthetic": synthetic,
-                  "random_real": min(synthetic, t["train_images"])}[w["set"]]
-        seconds = convnet(p["evaluate"], images)
-    elif rule == "reference_classifier":
-        seconds = convnet(p["classifier"], t["train_images"])
-    elif rule == "fid":
-        seconds = p["fid"]["final_samples"] / c["inception_images_per_s"]
-    elif rule == "fid_stats":
-        seconds = t["train_images"] / c["inception_images_per_s"]
-    elif rule == "sample":
-        seconds = p["sample"]["budget_seconds"]
-    elif rule == "train_diffusion":
-        tr = p["train"]
-        fid_points = tr["steps"] // tr["fid_every"] + 1
-        seconds = (tr["steps"] * t["train_step_s"] / tr["gpus"]
-                   + fid_points * tr["fid_samples"] * (tr["fid_steps"] / 50 / t["sample_images_per_s"]
-                                                       + 1 / c["inception_images_per_s"]))
-        # One Slurm job may stop at the partition's limit: the retries resume from state.pt.
-        return seconds / 60 / (retries + 1)
-    else:
-        raise AssertionError(f"no estimate for GPU rule {rule}: add it to rules/common.smk and here")
-    return seconds / 60
 
 
 def test_paper_dag_on_a_cluster(tmp_path):

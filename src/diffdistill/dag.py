@@ -3,6 +3,7 @@ from Snakemake's own job graph so that `dvc repro` and `snakemake` cannot drift 
 
 `python -m diffdistill dvc-yaml` rewrites dvc.yaml; a test fails when the committed file differs.
 """
+import re
 from pathlib import Path
 
 import yaml
@@ -49,6 +50,7 @@ STEP_THREADS = {
 }
 
 # The package modules each step runs (DVC `deps:`), so a code change reruns what it affects.
+# cluster.py is not among them: only Snakemake reads it (jobs' Slurm requests), no step's command runs it.
 _CORE = ["config.py", "io.py", "cli.py", "progress.py"]
 STEP_MODULES = {
     "download_data": ["data.py", "imageset.py", "weights.py"],
@@ -121,7 +123,6 @@ def stage_name(job):
 
 def _dvc_command(shell):
     # Logs are Snakemake's business; DVC stages print to the terminal.
-    import re
     return " ".join(re.sub(r"\s--log-file\s+\S+", "", shell).split())
 
 
@@ -145,28 +146,31 @@ def _param_keys(raw, ds, keys):
     return out
 
 
-def dvc_stage(job, params, raw=None):
-    """One dvc.yaml stage for a Snakemake job; ``raw``: the params as the files write them (for
-    ``base:`` blocks), else ``params``."""
-    raw = params if raw is None else raw
+def _stage_deps(job, params):
+    """The job's inputs, then the package modules its step runs (_CORE + STEP_MODULES)."""
     rule, ds = job["rule"], job["wildcards"].get("ds")
-    stage = {"cmd": _dvc_command(job["shell"])}
     deps = list(dict.fromkeys(job["input"]))
     if rule == "prepare_data" and params[ds]["data"].get("kind") == "folder":
         # A folder dataset's images: DVC hashes the trees themselves rather than listing every file.
         data = params[ds]["data"]
         trees = [data["root"]] + ([data["test_root"]] if data.get("test_root") else [])
         deps = [d for d in deps if not any(Path(d).is_relative_to(t) for t in trees)] + trees
-    deps += [f"src/diffdistill/{m}" for m in _CORE + STEP_MODULES.get(rule, [])]
-    stage["deps"] = deps
-    keys = []
-    if ds is not None and rule in STEP_PARAMS:
-        keys = _param_keys(raw, ds, STEP_PARAMS[rule])
+    return deps + [f"src/diffdistill/{m}" for m in _CORE + STEP_MODULES.get(rule, [])]
+
+
+def _stage_params(job, params, raw):
+    """DVC's params keys of the job: its STEP_PARAMS sections, or the weights entry it fetches."""
+    rule, ds = job["rule"], job["wildcards"].get("ds")
     if rule == "fetch_weights":
         name = next(k for k, v in params["weights"].items() if v["filename"] == job["wildcards"]["filename"])
-        keys = [f"weights.{name}"]
-    if keys:
-        stage["params"] = keys
+        return [f"weights.{name}"]
+    if ds is not None and rule in STEP_PARAMS:
+        return _param_keys(raw, ds, STEP_PARAMS[rule])
+    return []
+
+
+def _stage_outputs(job):
+    """The job's outputs as DVC's outs, metrics and plots (results/ files are small and go to git)."""
     outs, metrics, plots = [], [], []
     for out in job["output"]:
         name = Path(out).name
@@ -178,9 +182,18 @@ def dvc_stage(job, params, raw=None):
             outs.append({out: {"cache": False}})  # small, committed to git
         else:
             outs.append(out)
-    for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
-        if value:
-            stage[key] = value
+    return {"outs": outs, "metrics": metrics, "plots": plots}
+
+
+def dvc_stage(job, params, raw=None):
+    """One dvc.yaml stage for a Snakemake job; ``raw``: the params as the files write them (for
+    ``base:`` blocks), else ``params``."""
+    raw = params if raw is None else raw
+    stage = {"cmd": _dvc_command(job["shell"]), "deps": _stage_deps(job, params)}
+    keys = _stage_params(job, params, raw)
+    if keys:
+        stage["params"] = keys
+    stage.update((key, value) for key, value in _stage_outputs(job).items() if value)
     return stage
 
 
