@@ -1,4 +1,5 @@
 """The two orchestrators name the same DAG: dvc.yaml is generated from Snakemake's jobs."""
+import pytest
 import yaml
 
 from diffdistill.dag import STEP_PARAMS, STEP_THREADS, dvc_yaml, snakemake_jobs
@@ -53,3 +54,24 @@ def test_paper_dag_lists_the_paper_steps():
     assert "weights/cifar10_uvit_small.pth" in text and "weights/imagenet64_uvit_mid.pth" in text
     assert "weights/pt_inception-2015-12-05-6726825d.pth" in text
     assert "torchrun --standalone --nproc_per_node 4" in text  # the paper trained on 4 GPUs
+
+
+def test_step_modules_follow_the_imports_of_each_command():
+    from diffdistill.dag import step_modules
+    evaluate = step_modules("evaluate")
+    # cmd_evaluate imports evaluate and imageset; evaluate imports convnet and augment; cli's main, progress.
+    assert {"cli.py", "evaluate.py", "imageset.py", "convnet.py", "augment.py", "progress.py"} <= set(evaluate)
+    assert "uvit.py" not in evaluate and "train.py" not in evaluate and "report.py" not in evaluate
+    assert {"parallel.py", "checkpoint.py", "uvit.py", "diffusion.py"} <= set(step_modules("sample"))
+    assert {"sweep.py", "figures.py"} <= set(step_modules("sweep")) and "audit.py" not in step_modules("sweep")
+    assert all((REPO / "src" / "diffdistill" / m).is_file() for m in step_modules("train"))
+    with pytest.raises(ValueError, match="no command 'nonsense'"):
+        step_modules("nonsense")
+
+
+def test_every_stage_depends_on_the_code_its_command_runs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    sweep = next(s for name, s in stages.items() if name.startswith("sweep_summary"))
+    assert "src/diffdistill/sweep.py" in sweep["deps"] and "src/diffdistill/figures.py" in sweep["deps"]
+    ev = next(s for name, s in stages.items() if name.startswith("evaluate"))
+    assert "src/diffdistill/evaluate.py" in ev["deps"] and "src/diffdistill/train.py" not in ev["deps"]

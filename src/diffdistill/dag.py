@@ -3,6 +3,8 @@ from Snakemake's own job graph so that `dvc repro` and `snakemake` cannot drift 
 
 `python -m diffdistill dvc-yaml` rewrites dvc.yaml; a test fails when the committed file differs.
 """
+import ast
+import functools
 import re
 from pathlib import Path
 
@@ -49,28 +51,60 @@ STEP_THREADS = {
     "report": 1,
 }
 
-# The package modules each step runs (DVC `deps:`), so a code change reruns what it affects.
-# cluster.py is not among them: only Snakemake reads it (jobs' Slurm requests), no step's command runs it.
-_CORE = ["config.py", "io.py", "cli.py", "progress.py"]
-STEP_MODULES = {
-    "download_data": ["data.py", "imageset.py", "weights.py"],
-    "prepare_data": ["data.py", "imageset.py"],
-    "fetch_weights": ["weights.py"],
-    "reference_classifier": ["classifier.py", "fid.py", "convnet.py", "evaluate.py", "augment.py"],
-    "fid_stats": ["fid.py"],
-    "train_diffusion": ["data.py", "imageset.py", "uvit.py", "diffusion.py", "train.py", "checkpoint.py",
-                        "weights.py", "fid.py", "sample.py"],
-    "sample": ["data.py", "imageset.py", "uvit.py", "diffusion.py", "sample.py", "parallel.py", "checkpoint.py"],
-    "select": ["select.py", "imageset.py", "fid.py"],
-    "export_challenge": ["export.py", "imageset.py", "evaluate.py"],
-    "evaluate": ["convnet.py", "augment.py", "evaluate.py", "imageset.py"],
-    "summarize": ["evaluate.py", "tables.py", "results.py"],
-    "sweep_evaluate": ["convnet.py", "augment.py", "evaluate.py", "imageset.py"],
-    "sweep_summary": ["sweep.py", "figures.py", "results.py"],
-    "audit": ["audit.py", "figures.py", "results.py", "fid.py"],
-    "fid": ["fid.py"],
-    "report": ["report.py", "tables.py", "figures.py", "results.py", "uvit.py"],
-}
+# The package modules each step runs (DVC `deps:`), so a code change reruns what it affects: the
+# modules its CLI command imports, followed through every import of the package (``step_modules``).
+# cluster.py is among none of them: only Snakemake reads it (jobs' Slurm requests), no step runs it.
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _imported_modules(tree):
+    """The package modules an AST imports anywhere (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:                       # from .x import y
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:                                     # from . import x, y
+                found.update(a.name for a in node.names)
+            elif node.level == 0 and (node.module or "").startswith("diffdistill."):
+                found.add(node.module.split(".")[1])
+            elif node.level == 0 and node.module == "diffdistill":    # from diffdistill import x
+                found.update(a.name for a in node.names)
+    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
+
+
+@functools.lru_cache(maxsize=None)
+def _module_imports(name):
+    return frozenset(_imported_modules(ast.parse((PACKAGE / f"{name}.py").read_text())))
+
+
+@functools.lru_cache(maxsize=None)
+def step_modules(command):
+    """The package files the CLI subcommand ``command`` (e.g. ``sweep``) runs, sorted: cli.py; the
+    modules imported by ``main``, by ``cmd_<command>`` and by the cli.py functions they call; and,
+    followed to the end, every package module those import."""
+    cli = ast.parse((PACKAGE / "cli.py").read_text())
+    functions = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
+    name = "cmd_" + command.replace("-", "_")
+    if name not in functions:
+        raise ValueError(f"dag: the CLI has no command {command!r} (no cli.{name})")
+    todo = _imported_modules(ast.Module([n for n in cli.body if not isinstance(n, ast.FunctionDef)], []))
+    calls, stack = set(), ["main", name]
+    while stack:                                     # the cli.py functions the command runs
+        f = stack.pop()
+        if f in functions and f not in calls:
+            calls.add(f)
+            todo |= _imported_modules(functions[f])
+            stack += [n.func.id for n in ast.walk(functions[f])
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    seen = {"cli"}
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo |= _module_imports(m) - seen
+    return tuple(sorted(f"{m}.py" for m in seen))
+
 
 # DVC metrics and plots among the outputs. `dvc metrics show` prints one table whose columns are the
 # union of every metrics file's keys, so only results/{ds}/metrics.json (a few numbers, the same keys
@@ -147,7 +181,7 @@ def _param_keys(raw, ds, keys):
 
 
 def _stage_deps(job, params):
-    """The job's inputs, then the package modules its step runs (_CORE + STEP_MODULES)."""
+    """The job's inputs, then the package modules its step runs (``step_modules``)."""
     rule, ds = job["rule"], job["wildcards"].get("ds")
     deps = list(dict.fromkeys(job["input"]))
     if rule == "prepare_data" and params[ds]["data"].get("kind") == "folder":
@@ -155,7 +189,8 @@ def _stage_deps(job, params):
         data = params[ds]["data"]
         trees = [data["root"]] + ([data["test_root"]] if data.get("test_root") else [])
         deps = [d for d in deps if not any(Path(d).is_relative_to(t) for t in trees)] + trees
-    return deps + [f"src/diffdistill/{m}" for m in _CORE + STEP_MODULES.get(rule, [])]
+    command = re.search(r"diffdistill (\S+)", job["shell"])
+    return deps + ([f"src/diffdistill/{m}" for m in step_modules(command.group(1))] if command else [])
 
 
 def _stage_params(job, params, raw):
