@@ -113,6 +113,16 @@ def all_targets():
     return targets + ["results/tables/results.md"]
 
 
+def ddranking_runs(ds, protocol):
+    """DD-Ranking's extra runs of a dataset (params `ddranking:`): plain (no augmentation) for the
+    augmentation-robust score, soft (soft labels) for the soft-label score; none unless asked."""
+    asked = config[ds].get("ddranking") or {}
+    if not asked.get({"plain": "augmentation_robust", "soft": "soft_labels"}[protocol]):
+        return []
+    return expand("results/{ds}/eval_{protocol}/{set}_seed{seed}.json", ds=ds, protocol=protocol,
+                  set=["synthetic", "random_real"], seed=seeds(ds))
+
+
 def eval_train_input(w):
     if w.set == "synthetic":
         return f"synthetic/{w.ds}/selected.npz"

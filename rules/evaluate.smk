@@ -33,16 +33,58 @@ rule evaluate:
         " --threads {params.threads} --log-file {log}"
 
 
+# DD-Ranking's extra runs (params `ddranking:`): the synthetic set and the random real subset trained
+# without augmentation (plain, for the augmentation-robust score) or on the reference classifier's soft
+# labels (soft). Their numbers go to their own folders and keys, never into the challenge's columns.
+rule evaluate_ddranking:
+    input:
+        train=eval_train_input,
+        like=eval_like_input,
+        test="data/{ds}/test.npz",
+        teacher=lambda w: ["data/{ds}/classifier.pt"] if w.protocol == "soft" else [],
+    output:
+        "results/{ds}/eval_{protocol}/{set}_seed{seed}.json",
+    wildcard_constraints:
+        protocol="plain|soft",
+        set="synthetic|random_real",
+    params:
+        threads=STEP_THREADS["evaluate_ddranking"],
+        files=PARAMS_ARGS,
+        values=step_values("evaluate_ddranking"),
+        like=lambda w, input: f"--like {input.like}" if input.like else "",
+        teacher=lambda w, input: f"--teacher {input.teacher}" if input.teacher else "",
+    log:
+        "logs/{ds}/evaluate_{protocol}_{set}_seed{seed}.log",
+    benchmark:
+        "benchmarks/{ds}/evaluate_{protocol}_{set}_seed{seed}.tsv"
+    conda:
+        ENV
+    threads: STEP_THREADS["evaluate_ddranking"]
+    resources:
+        mem_mb=8000,
+        **gpu_job("evaluate_ddranking", runtime=240),
+    shell:
+        "python -m diffdistill evaluate {params.files} --dataset {wildcards.ds} --set {wildcards.set}"
+        " --seed {wildcards.seed} --train {input.train} {params.like} --test {input.test}"
+        " --protocol {wildcards.protocol} {params.teacher} --out {output}"
+        " --state checkpoints/{wildcards.ds}/eval_{wildcards.protocol}/{wildcards.set}_seed{wildcards.seed}.pt"
+        " --threads {params.threads} --log-file {log}"
+
+
 rule summarize:
     input:
-        lambda w: expand("results/{ds}/eval/{set}_seed{seed}.json", ds=w.ds,
-                         set=["synthetic", "full_real", "random_real"], seed=seeds(w.ds)),
+        runs=lambda w: expand("results/{ds}/eval/{set}_seed{seed}.json", ds=w.ds,
+                              set=["synthetic", "full_real", "random_real"], seed=seeds(w.ds)),
+        plain=lambda w: ddranking_runs(w.ds, "plain"),
+        soft=lambda w: ddranking_runs(w.ds, "soft"),
     output:
         summary="results/{ds}/summary.json",
         table=report("results/tables/{ds}_summary.md", caption="../report/summary.rst", category="Tables"),
     params:
         threads=STEP_THREADS["summarize"],
         files=PARAMS_ARGS,
+        plain=lambda w, input: f"--plain-runs {' '.join(input.plain)}" if input.plain else "",
+        soft=lambda w, input: f"--soft-runs {' '.join(input.soft)}" if input.soft else "",
     log:
         "logs/{ds}/summarize.log",
     conda:
@@ -52,8 +94,9 @@ rule summarize:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m diffdistill summarize {params.files} --dataset {wildcards.ds} --runs {input}"
-        " --out {output.summary} --table {output.table} --threads {params.threads} --log-file {log}"
+        "python -m diffdistill summarize {params.files} --dataset {wildcards.ds} --runs {input.runs}"
+        " {params.plain} {params.soft} --out {output.summary} --table {output.table}"
+        " --threads {params.threads} --log-file {log}"
 
 
 rule fid:

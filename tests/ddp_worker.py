@@ -3,7 +3,7 @@ process (under torchrun for the DDP test, or as a process the test SIGKILLs).
 
     python tests/ddp_worker.py OUT_DIR '{"steps": 4, ...}' [--slow SECONDS] [--fid STATS]
 
-``--fid STATS``: the FID curve of fid.make_training_fid against STATS (ConvNet features). Each rank
+``--fid STATS``: the FID curve of train.make_training_fid against STATS (ConvNet features). Each rank
 records the image ranges it sampled and the FID values it got (OUT_DIR/../fid_rank{r}.json), and, after
 training, the FID of ``fixed_model()`` computed by all ranks together.
 """
@@ -49,7 +49,8 @@ def _fid_hook(out_dir, cfg, stats):
     """make_training_fid's eval_fn, recording this rank's sampled ranges and the values it returned."""
     import torch.distributed as dist
 
-    from diffdistill import fid, sample
+    from diffdistill import sample
+    from diffdistill import train as train_mod
     record = {"ranges": [], "values": []}
     original = sample.sample_range
 
@@ -58,7 +59,7 @@ def _fid_hook(out_dir, cfg, stats):
         return original(model, sample_cfg, num_classes, device, start, stop)
 
     sample.sample_range = recording_range
-    eval_fn = fid.make_training_fid(fid_block(cfg), stats, device="cpu")
+    eval_fn = train_mod.make_training_fid(fid_block(cfg), stats, device="cpu")
 
     def hook(model, step):
         value = eval_fn(model, step)

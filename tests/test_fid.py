@@ -12,6 +12,7 @@ import pytorch_fid.inception as pfi
 from pytorch_fid import fid_score
 
 from diffdistill import fid
+from diffdistill import train as train_mod
 from diffdistill.classifier import train_reference_classifier
 
 N = 6  # images per set: Inception at 299 px on a shared CPU costs ~0.5 s per image
@@ -187,7 +188,7 @@ def test_make_training_fid_samples_and_scores(tmp_path):
                         "variant": "multistep", "seed": 0}}
     torch.manual_seed(0)
     net = UViT(**model_cfg)
-    eval_fn = fid.make_training_fid(block, stats)
+    eval_fn = train_mod.make_training_fid(block, stats)
     assert eval_fn.name == "fid_convnet"
     first, again = eval_fn(net, 0), eval_fn(net, 500)
     assert np.isfinite(first) and first > 0 and first == again  # same samples for the same weights

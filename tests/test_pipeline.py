@@ -54,6 +54,50 @@ def test_summary_holds_three_sets_over_the_seeds(tiny_run, tiny_params):
     assert summary["gap_to_full"] == pytest.approx(summary["full_real"]["mean"] - summary["synthetic"]["mean"])
 
 
+def test_dd_ranking_scores_come_from_their_own_runs(tiny_run, tiny_params):
+    import math
+    res = tiny_run / "results/digits"
+    summary = json.loads((res / "summary.json").read_text())
+    seeds = tiny_params["evaluate"]["seeds"]
+
+    def mean(folder, name):
+        runs = [json.loads((res / folder / f"{name}_seed{k}.json").read_text()) for k in seeds]
+        assert {r.get("protocol", "challenge") for r in runs} == {{"eval": "challenge"}.get(folder, folder[5:])}
+        return float(np.mean([r["accuracy"] for r in runs])), runs
+
+    def squash(x):
+        return (math.exp(x) - math.exp(-1)) / (math.e - math.exp(-1))
+
+    syn, syn_runs = mean("eval", "synthetic")
+    rnd, _ = mean("eval", "random_real")
+    full, _ = mean("eval", "full_real")
+    hard = summary["dd_ranking"]["hard_label"]
+    assert hard["hlr"] == pytest.approx(full - syn) and hard["ior"] == pytest.approx(syn - rnd)
+    assert hard["lrs"] == pytest.approx(squash(0.5 * (syn - rnd) - 0.5 * (full - syn)))
+    # Without augmentation: the same sets and seeds, another training (no DSA), its own folder.
+    syn_plain, plain_runs = mean("eval_plain", "synthetic")
+    rnd_plain, _ = mean("eval_plain", "random_real")
+    assert plain_runs[0]["loss_curve"] != syn_runs[0]["loss_curve"]
+    assert summary["no_augmentation"]["synthetic"]["mean"] == pytest.approx(syn_plain)
+    ars = summary["dd_ranking"]["augmentation"]
+    assert ars["ars"] == pytest.approx(squash(0.5 * (syn - rnd) + 0.5 * (syn_plain - rnd_plain)))
+    # Soft labels: the reference classifier's, on the synthetic and random real sets; full real stays hard.
+    syn_soft, soft_runs = mean("eval_soft", "synthetic")
+    rnd_soft, _ = mean("eval_soft", "random_real")
+    assert soft_runs[0]["loss_curve"] != syn_runs[0]["loss_curve"]
+    soft = summary["dd_ranking"]["soft_label"]
+    assert soft["ior"] == pytest.approx(syn_soft - rnd_soft) and soft["hlr"] == pytest.approx(full - syn_soft)
+    # The challenge's columns are the hard-label runs' only.
+    assert summary["synthetic"]["mean"] == pytest.approx(syn)
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert metrics["lrs"] == pytest.approx(hard["lrs"]) and metrics["ars"] == pytest.approx(ars["ars"])
+    table = (tiny_run / "results/tables/digits_summary.md").read_text()
+    assert f"LRS {hard['lrs']:.4f}" in table and f"ARS {ars['ars']:.4f}" in table
+    assert f"LRS {soft['lrs']:.4f}" in table
+    results = (tiny_run / "results/tables/results.md").read_text()
+    assert f"| {hard['lrs']:.4f} | {ars['ars']:.4f} |" in results
+
+
 def test_random_real_baseline_matches_the_synthetic_counts(tiny_run):
     selected = load(tiny_run, "synthetic/digits/selected.npz")
     run = json.loads((tiny_run / "results/digits/eval/random_real_seed0.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from diffdistill import diffusion
+from diffdistill import train as train_mod
 from diffdistill.checkpoint import build_model, null_class_index
 from diffdistill.train import TrainingDiverged, batch_indices, draw_step, ema_update, lr_at, settings, train
 
@@ -411,7 +412,6 @@ def test_ddp_fid_points_are_shared_by_the_ranks_and_equal_one_process(tmp_path, 
     model equal the one-process values."""
     from ddp_worker import fid_block, fixed_model
 
-    from diffdistill import fid
     cfg = dict(steps=4, micro_batch=8, checkpoint_every=100, fid_every=2, fid_samples=10, fid_steps=3,
                fid_batch_size=4)
     t0 = time.time()
@@ -425,7 +425,7 @@ def test_ddp_fid_points_are_shared_by_the_ranks_and_equal_one_process(tmp_path, 
     assert ranks[0]["ranges"] == [[0, 5]] * 3 and ranks[1]["ranges"] == [[5, 10]] * 3
     assert ranks[0]["values"] == ranks[1]["values"]                         # every rank gets the value
     single_cfg = dict(TINY_TRAIN, **dict(cfg, micro_batch=32))
-    eval_fn = fid.make_training_fid(fid_block(single_cfg), convnet_stats, device="cpu")
+    eval_fn = train_mod.make_training_fid(fid_block(single_cfg), convnet_stats, device="cpu")
     fixed_one = eval_fn(fixed_model(), 0)
     fixed_two = json.loads((tmp_path / "ddp" / "fixed_fid.json").read_text())
     assert fixed_one > 0 and fixed_two == pytest.approx(fixed_one, rel=1e-6)

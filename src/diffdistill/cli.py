@@ -174,8 +174,7 @@ def cmd_train(args):
     import torch
 
     from .data import load_split
-    from .fid import make_training_fid
-    from .train import train
+    from .train import make_training_fid, train
     params = _params(args)
     block = params[args.dataset]
     device = _device(args, "train", params)
@@ -283,7 +282,8 @@ def cmd_export(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate_run, normalization, random_real_subset
+    from .classifier import load_teacher
+    from .evaluate import evaluate_run, normalization, protocol_settings, random_real_subset
     from .io import load_npz, save_json
     from .imageset import balanced_prefix
     params = _params(args)
@@ -301,25 +301,38 @@ def cmd_evaluate(args):
             train_set = balanced_prefix(train_set, args.images_per_class)
     if like is not None:
         train_set = random_real_subset(train_set, like["labels"], seed=args.seed, cap=True)
-    result = evaluate_run(train_set, test_set, eval_cfg, seed=args.seed, device=device,
-                          name=args.set, mean=mean, std=std, state_path=args.state)
+    if (args.protocol == "soft") != bool(args.teacher):
+        raise ValueError("evaluate: --protocol soft needs --teacher (the reference classifier, classifier.pt), "
+                         "and --teacher is only for --protocol soft")
+    teacher = load_teacher(args.teacher, mean, std, device) if args.teacher else None
+    result = evaluate_run(train_set, test_set, protocol_settings(eval_cfg, args.protocol, block.get("ddranking")),
+                          seed=args.seed, device=device, name=args.set, mean=mean, std=std,
+                          state_path=args.state, teacher=teacher)
     if args.images_per_class:
         result["images_per_class"] = args.images_per_class
+    if args.protocol != "challenge":
+        result["protocol"] = args.protocol
     save_json(args.out, result)
     # The state only serves an interrupted run: once the result is written it goes, so a later
     # rerun (e.g. after a code change) trains afresh and evaluate states do not pile up on disk.
     if args.state and Path(args.state).exists():
         Path(args.state).unlink()
     ipc = f" ipc {args.images_per_class}" if args.images_per_class else ""
-    return (f"{args.set}{ipc} seed {args.seed}",
+    protocol = f" ({args.protocol})" if args.protocol != "challenge" else ""
+    return (f"{args.set}{ipc}{protocol} seed {args.seed}",
             "accuracy %.4f on %d test images" % (result["accuracy"], len(test_set["labels"])))
 
 
 def cmd_summarize(args):
+    from .ddranking import dd_ranking
     from .evaluate import summarize
     from .io import load_json, save_json
     from .tables import table_summary
     summary = summarize([load_json(p) for p in args.runs])
+    for key, paths in (("no_augmentation", args.plain_runs), ("soft_labels", args.soft_runs)):
+        if paths:
+            summary[key] = summarize([load_json(p) for p in paths])
+    summary["dd_ranking"] = dd_ranking(summary)
     save_json(args.out, summary)
     table_summary(args.out, args.table, dataset=args.dataset)
     return ", ".join(f"{name} {summary[name]['mean']:.4f} ± {summary[name]['std']:.4f}"
@@ -506,12 +519,21 @@ STEPS = (
           "--test": required(REAL_TEST),
           "--out": required("the result JSON, results/DATASET/eval/{set}_seed{seed}.json"),
           "--state": optional("checkpoint file: resume from it, save to it every evaluate.checkpoint_every "
-                              "epochs; deleted once --out is written")}),
+                              "epochs; deleted once --out is written"),
+          "--protocol": optional("challenge (default): hard labels, DSA as params say; plain: no augmentation; "
+                                 "soft: the --teacher's soft labels (DD-Ranking)", default="challenge",
+                                 choices=["challenge", "plain", "soft"]),
+          "--teacher": optional("the reference classifier whose soft labels --protocol soft trains on")}),
     Step("summarize", "mean ± std over seeds, baselines, distillation metrics",
          "Reads the evaluate step's result JSONs (--runs); writes summary.json (per set: mean, "
          "population std over the seeds, per-seed runs, per-class accuracy and training counts; gain "
-         "over random real, gap to full real) to --out and the dataset's markdown table to --table.",
+         "over random real, gap to full real; DD-Ranking's scores) to --out and the dataset's markdown "
+         "table to --table.",
          {"--runs": required("the evaluation results, results/DATASET/eval/*.json", nargs="+"),
+          "--plain-runs": optional("DD-Ranking: the runs without augmentation, results/DATASET/eval_plain/*.json",
+                                   nargs="+", default=[]),
+          "--soft-runs": optional("DD-Ranking: the soft-label runs, results/DATASET/eval_soft/*.json",
+                                  nargs="+", default=[]),
           "--out": required("the summary, results/DATASET/summary.json"),
           "--table": required("the markdown table, results/tables/DATASET_summary.md")}),
     Step("fid", "FID of the generated set against the real statistics",

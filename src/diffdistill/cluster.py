@@ -17,6 +17,7 @@ GPU_SECTION = {
     "train_diffusion": "train",
     "sample": "sample",
     "evaluate": "evaluate",
+    "evaluate_ddranking": "evaluate",
     "sweep_evaluate": "evaluate",
     "reference_classifier": "classifier",
     "audit": "classifier",  # the reference classifier's features
@@ -181,6 +182,7 @@ def _train_diffusion_seconds(params, w):
 # The steps with an estimate; a GPU step not named here (audit) keeps its rule's fixed limit.
 WORK_SECONDS = {
     "evaluate": _evaluate_seconds,
+    "evaluate_ddranking": _evaluate_seconds,   # the same sets (synthetic, random real), other labels/augmentation
     "sweep_evaluate": _sweep_evaluate_seconds,
     "reference_classifier": _reference_classifier_seconds,
     "fid_stats": _fid_stats_seconds,

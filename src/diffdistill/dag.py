@@ -22,6 +22,7 @@ STEP_PARAMS = {
     "select": ["select"],
     "export_challenge": ["select", "evaluate", "export"],
     "evaluate": ["evaluate"],
+    "evaluate_ddranking": ["evaluate", "ddranking"],
     "fid": ["fid"],
     "sweep_evaluate": ["evaluate", "sweep"],
 }
@@ -43,6 +44,7 @@ STEP_THREADS = {
     "select": 2,
     "export_challenge": 1,
     "evaluate": 1,
+    "evaluate_ddranking": 1,
     "summarize": 1,
     "fid": 2,
     "sweep_evaluate": 1,

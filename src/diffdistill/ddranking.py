@@ -51,3 +51,31 @@ def _check_fractions(**accuracies):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"ddranking: {name} accuracy {value!r} is not a fraction in [0, 1]; "
                              f"DD-Ranking's scores take accuracies as fractions, not percentages.")
+
+
+def _mean(summary, name):
+    block = (summary or {}).get(name)
+    return float(block["mean"]) if block else None
+
+
+def dd_ranking(summary):
+    """The scores a run's ``summary.json`` supports, as ``{"hard_label": {hlr, ior, alpha, lrs},
+    "soft_label": {...}, "augmentation": {…, ars}}``; a score whose runs are missing is absent.
+
+    ``summary`` is ``evaluate.summarize``'s output with, when those runs were made, the summaries of
+    the runs without augmentation (``no_augmentation``) and with soft labels (``soft_labels``). The
+    soft-label score compares soft-label synthetic and random real runs, and the full real data
+    with hard labels, as DD-Ranking's soft-label evaluator does.
+    """
+    full, syn, rand = (_mean(summary, k) for k in ("full_real", "synthetic", "random_real"))
+    out = {}
+    if None not in (full, syn, rand):
+        out["hard_label"] = label_robust_score(full, syn, rand)
+    soft = summary.get("soft_labels")
+    if full is not None and _mean(soft, "synthetic") is not None and _mean(soft, "random_real") is not None:
+        out["soft_label"] = label_robust_score(full, _mean(soft, "synthetic"), _mean(soft, "random_real"))
+    plain = summary.get("no_augmentation")
+    if None not in (syn, rand) and _mean(plain, "synthetic") is not None and _mean(plain, "random_real") is not None:
+        out["augmentation"] = augmentation_robust_score(syn, rand, _mean(plain, "synthetic"),
+                                                        _mean(plain, "random_real"))
+    return out

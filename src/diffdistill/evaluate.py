@@ -180,6 +180,23 @@ def _settings(eval_cfg):
 
 LABELS = ("hard", "soft")
 
+# How a set is trained. challenge: the challenge's protocol (hard labels, DSA as evaluate.dsa says).
+# DD-Ranking's two more (README "DD-Ranking"): plain, hard labels without any augmentation (for the
+# augmentation-robust score); soft, the reference classifier's soft labels (the soft-label score).
+PROTOCOLS = ("challenge", "plain", "soft")
+
+
+def protocol_settings(eval_cfg, protocol, ddranking_cfg=None):
+    """``eval_cfg`` as ``protocol`` trains: the challenge's settings unchanged (so its runs keep their
+    identity), without augmentation, or with soft labels at ``ddranking.temperature``."""
+    if protocol == "challenge":
+        return dict(eval_cfg)
+    if protocol == "plain":
+        return dict(eval_cfg, dsa=False)
+    if protocol == "soft":
+        return dict(eval_cfg, labels="soft", temperature=(ddranking_cfg or {}).get("temperature", 4.0))
+    raise ValueError(f"evaluate: unknown protocol {protocol!r}; use one of {list(PROTOCOLS)}.")
+
 
 def _soft(eval_cfg):
     labels = eval_cfg.get("labels", "hard") or "hard"

@@ -22,19 +22,24 @@ log = logging.getLogger(__name__)
 # the same few numeric keys: a row per dataset, columns shared, within 120 terminal columns. Everything
 # else (per-seed runs, per-class accuracy, the audit's distances and definitions, the sweep's curve)
 # stays in the detailed JSONs beside it, which are plain outputs.
-METRIC_KEYS = ("synthetic_acc", "synthetic_std", "random_real_acc", "full_real_acc")
+METRIC_KEYS = ("synthetic_acc", "synthetic_std", "random_real_acc", "full_real_acc", "lrs", "ars")
 
 
 def dataset_metrics(summary, fid_path=None):
     """The numbers ``dvc metrics show`` prints for one dataset: the ConvNet's mean test accuracy on
-    the synthetic set (and its population std over seeds), on the two real baselines, and the FID
-    named by its features (``fid_inception`` and ``fid_convnet`` are different quantities)."""
+    the synthetic set (and its population std over seeds), on the two real baselines, DD-Ranking's
+    ``lrs`` (hard labels) and ``ars`` when their runs were made, and the FID named by its features
+    (``fid_inception`` and ``fid_convnet`` are different quantities)."""
     m = {}
     for k in EVAL_SETS:
         if summary.get(k):
             m[f"{k}_acc"] = float(summary[k]["mean"])
     if summary.get("synthetic"):
         m["synthetic_std"] = float(summary["synthetic"].get("std", 0.0))
+    scores = summary.get("dd_ranking") or {}       # DD-Ranking's hard-label LRS and the ARS, when run
+    for key, kind in (("lrs", "hard_label"), ("ars", "augmentation")):
+        if kind in scores:
+            m[key] = float(scores[kind][key])
     m = {k: m[k] for k in METRIC_KEYS if k in m}
     fid, kind = read_fid(fid_path)
     if fid is not None:

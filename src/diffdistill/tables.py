@@ -117,6 +117,40 @@ def _gain_gap(summary):
     return gain, gap
 
 
+def _score(summary, kind, key):
+    """A DD-Ranking score of summary.json's ``dd_ranking`` block, or "not run" (its runs were not made)."""
+    block = (summary.get("dd_ranking") or {}).get(kind)
+    return NOT_RUN if block is None else f"{block[key]:.4f}"
+
+
+DD_RANKING_COLUMNS = [("protocol", "DD-Ranking"), ("synthetic", "synthetic"), ("random_real", "random real"),
+                      ("full_real", "full real"), ("hlr", "HLR"), ("ior", "IOR"), ("score", "score")]
+
+
+def _dd_ranking_table(s):
+    """The DD-Ranking rows of a summary: LRS with hard (and soft) labels, ARS from the runs with and
+    without augmentation; None when the summary has no scores."""
+    scores = s.get("dd_ranking") or {}
+    if not scores:
+        return None
+    mean = lambda block, k: f"{block[k]['mean']:.4f}" if (block or {}).get(k) else ""  # noqa: E731
+    rows = []
+    for kind, name, block in (("hard_label", "hard labels (the challenge's runs)", s),
+                              ("soft_label", "soft labels (reference classifier, T = temperature)",
+                               s.get("soft_labels"))):
+        if kind in scores:
+            sc = scores[kind]
+            rows.append({"protocol": name, "synthetic": mean(block, "synthetic"),
+                         "random_real": mean(block, "random_real"), "full_real": mean(s, "full_real"),
+                         "hlr": f"{sc['hlr']:.4f}", "ior": f"{sc['ior']:+.4f}", "score": f"LRS {sc['lrs']:.4f}"})
+    if "augmentation" in scores:
+        sc, plain = scores["augmentation"], s.get("no_augmentation")
+        rows.append({"protocol": "hard labels, no augmentation", "synthetic": mean(plain, "synthetic"),
+                     "random_real": mean(plain, "random_real"), "full_real": "", "hlr": "",
+                     "ior": f"{sc['gain_without_augmentation']:+.4f}", "score": f"ARS {sc['ars']:.4f}"})
+    return to_markdown(table_frame(rows, DD_RANKING_COLUMNS), [h for _, h in DD_RANKING_COLUMNS])
+
+
 # ----------------------------------------------------------------------------------------------
 # Table 1: the diffusion models
 
@@ -266,6 +300,7 @@ TABLE_RESULTS_COLUMNS = [
     ("dataset", "dataset"), ("synthetic", "synthetic acc (mean ± std)"),
     ("random_real", "random real, same count"), ("full_real", "full real"),
     ("gain_over_random", "gain over random"), ("gap_to_full", "gap to full"),
+    ("lrs", "LRS (DD-Ranking)"), ("ars", "ARS (DD-Ranking)"),
     ("seeds", "seeds"),
     ("n_synthetic", "synthetic images the ConvNet trained on"), ("images_per_class", "of them per class"),
     ("sampled", "images sampled (per class)"),
@@ -292,6 +327,7 @@ def table_results(inputs, out_md, out_csv=None):
             "full_real": _pm(summary.get("full_real")),
             "gain_over_random": NOT_RUN if gain is None else f"{gain:+.4f}",
             "gap_to_full": NOT_RUN if gap is None else f"{gap:+.4f}",
+            "lrs": _score(summary, "hard_label", "lrs"), "ars": _score(summary, "augmentation", "ars"),
             "seeds": _seeds_cell(n_seeds(summary)),
             # What the ConvNet trained on (the selected set), never the sampled count: selection keeps
             # a subset, and the sampled count is its own column.
@@ -360,6 +396,11 @@ def table_summary(summary_json, out_md, dataset=None):
     md.append(f"\n{std_note(n_seeds(s))}\n\nSynthetic images the ConvNet trained on: "
               f"{s.get('n_synthetic', 'unknown')}{per}. "
               f"Gain over random real: {_fmt(gain)}. Gap to full real: {_fmt(gap)}.\n")
+    dd = _dd_ranking_table(s)
+    if dd:
+        md += ["\n", dd, "\nDD-Ranking (accuracies as fractions, λ = 0.5): HLR = full real − synthetic, IOR = "
+               "synthetic − random real; LRS = (e^α − e^−1)/(e − e^−1) with α = λ·IOR − (1−λ)·HLR; ARS the same "
+               "map of β = λ·IOR(with DSA) + (1−λ)·IOR(without augmentation). Higher is better.\n"]
     per_class = s.get("per_class") or {}
     if per_class:
         md += ["\n", _per_class_table(per_class)]

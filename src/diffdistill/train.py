@@ -48,9 +48,11 @@ import torch
 import torch.distributed as dist
 
 from diffdistill import diffusion
+from diffdistill import sample as sampler
 from diffdistill.checkpoint import build_model, load_initial_weights, null_class_index
 from diffdistill.config import PRECISIONS, TRAIN_PRECISIONS, resolve_device
 from diffdistill.data import to_model_space
+from diffdistill.fid import FID, features, fid_from_features
 from diffdistill.io import atomic_path, save_json, save_torch
 from diffdistill.progress import progress as progress_bar
 from diffdistill.uvit import count_parameters
@@ -73,7 +75,7 @@ TRAIN_DEFAULTS = {
     "fid_samples": 5000,
     "seed": 0,
 }
-# How the FID curve is measured (defaults as fid.make_training_fid reads them). They change what the
+# How the FID curve is measured (defaults as make_training_fid reads them). They change what the
 # curve's points measure, never the weights.
 FID_DEFAULTS = {"fid_samples": 5000, "fid_steps": 25, "fid_batch_size": 500}
 # Keys that change when or how a run executes but not what it computes: a checkpoint made under
@@ -88,7 +90,7 @@ _LEGACY_NOT_HASHED = ("steps", "checkpoint_every", "fid_every", "micro_batch", "
 # aborted. torch's defaults are 10 min for NCCL and 30 min for gloo (torch 2.14); we pass one value for
 # both. What a rank can wait for: rank 0 alone writes state.pt (M/4: model, EMA and AdamW's two moments
 # in fp32, ~2.1 GB; S/2 ~0.7 GB) and computes the Fréchet distance of each FID point (two eigh of
-# 2048×2048, seconds); the FID sampling itself is shared by all ranks (fid.make_training_fid), ~5-12 s
+# 2048×2048, seconds); the FID sampling itself is shared by all ranks (make_training_fid), ~5-12 s
 # per rank per point with 4 H100s at fid_samples 5000, fid_steps 50 (see its docstring). All far
 # under 10 minutes; 30 minutes leaves room for a slow shared filesystem or a user's own eval_fn that
 # runs on rank 0 only, and still stops a run with a hung rank within the hour.
@@ -377,7 +379,7 @@ class _Run:
         self.run_hash = config_hash(model_cfg, cfg, self.data_sha)
         self.state_path = out_dir / "state.pt"
         self.fid_now = fid_settings(cfg)
-        # An eval_fn marked ``distributed`` (fid.make_training_fid's) is called on every rank, which all
+        # An eval_fn marked ``distributed`` (make_training_fid's) is called on every rank, which all
         # sample a share of the FID images, and returns the same value on each; any other runs on rank 0
         # alone while the others wait at the next collective (see DDP_TIMEOUT_MINUTES).
         self.distributed_eval = bool(getattr(eval_fn, "distributed", False))
@@ -628,3 +630,67 @@ def _adamw(model, cfg):
         {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=tuple(cfg["betas"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The FID curve: the trainer's eval_fn
+# ----------------------------------------------------------------------------------------------
+
+def _rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_training_fid(block, stats_path, device="cpu", inception_weights=None):
+    """The trainer's ``eval_fn(ema_model, step) -> float`` for a dataset block of params.yaml.
+
+    Scores the first ``train.fid_samples`` images of a class-balanced DPM-Solver-fast run at
+    ``train.fid_steps`` network calls in batches of ``train.fid_batch_size`` (no time budget, the
+    training seed) against ``stats_path``. The same seed at every evaluation: the curve's points
+    differ by the weights only. Only ``train:`` settings are read, so changing the sampling step's
+    settings never retrains.
+
+    Under DDP (a process group is up) every rank scores a share: rank ``r`` of ``N`` samples the
+    run's images ``r·n/N … (r+1)·n/N − 1`` (``sample.sample_range``: the same labels and noise as the
+    one-process run), takes their features on its own GPU, and rank 0 gathers the features in rank
+    order and computes the distance, which every rank returns. So a point costs ~1/N of the sampling
+    time and gives the one-process value (up to float rounding). Per rank with 4 GPUs at the paper's
+    ``fid_samples: 5000``, ``fid_steps: 50`` (benchmarks/RESULTS.md, one H100, bf16, 50 calls):
+    U-ViT-S/2 (CIFAR-100) 1,250 images at 181-240 images/s = 5.2-6.9 s (27.6 s on one GPU);
+    U-ViT-M/4 (Tiny-ImageNet) at ~105 images/s = 11.9 s (47.6 s on one GPU); plus the Inception
+    features of 1,250 images and, on rank 0, the Fréchet distance of 2048-d statistics (seconds).
+    Well inside the process group's timeout (DDP_TIMEOUT_MINUTES; NCCL's default is 10 min).
+    At fid_every 500: 160 points over 80,000 steps cost ~14-18 min instead of ~55-74 min, and 234
+    points over 117,000 steps ~46 min instead of ~3.1 h."""
+    fid = FID(stats_path, device, int(block.get("fid", {}).get("batch_size", 50)), inception_weights)
+    train_cfg = block["train"]
+    settings = fid_settings(train_cfg)
+    n = int(settings["fid_samples"])
+    num_classes = int(block["model"]["num_classes"])
+    cfg = {"budget_seconds": None, "max_per_class": -(-n // num_classes),
+           "batch_size": int(settings["fid_batch_size"]), "steps": int(settings["fid_steps"]),
+           "variant": "fast", "guidance_scale": 0.0, "seed": int(train_cfg.get("seed", 0)),
+           "precision": train_cfg.get("precision", "fp32")}
+
+    def evaluate(ema_model, step):
+        rank, world = _rank_and_world()
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        images, _ = sampler.sample_range(ema_model, cfg, num_classes, fid.device, lo, hi)
+        feats = features(images, fid.extractor, fid.batch_size, fid.device) if len(images) else None
+        if world == 1:
+            return fid_from_features(feats, fid.stats["mu"], fid.stats["sigma"])
+        # Features, not images, travel (uint8 images would be smaller, but then rank 0 would run the
+        # extractor on all n alone). float64 as features() gives them: 5000 × 2048 × 8 B = 82 MB in all.
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(feats, parts, dst=0)
+        value = [None]
+        if rank == 0:
+            value[0] = fid_from_features(np.concatenate([f for f in parts if f is not None]),
+                                         fid.stats["mu"], fid.stats["sigma"])
+        dist.broadcast_object_list(value, src=0)
+        return float(value[0])
+
+    evaluate.name = fid.name  # fid_inception | fid_convnet, for the curve's column name
+    evaluate.distributed = True  # train() calls it on every rank
+    return evaluate
