@@ -178,11 +178,14 @@ OPS = {
 }
 
 
-def dsa(x, generator, strategy=DEFAULT_STRATEGY, strength=1.0, clamp=None):
+def dsa(x, generator, strategy=DEFAULT_STRATEGY, strength=1.0, clamp=None, pick_generator=None):
     """Apply DSA to a batch x [N,C,H,W]: draw ONE op group of ``strategy`` for the whole batch.
 
     ``strategy`` is op names joined by "_" (groups: color, crop, cutout, flip, scale, rotate);
     "none" or "" returns x. The draw and every per-image parameter come from ``generator``.
+    ``pick_generator`` (the opt-in fast evaluation): the op group is drawn from it instead, so with a
+    CPU ``pick_generator`` and a CUDA ``generator`` the batch is augmented with no host sync (the
+    group is a Python choice; every per-image parameter is drawn on the GPU).
     """
     if x.dim() != 4:
         raise ValueError(f"dsa: expected a batch [N, C, H, W], got shape {tuple(x.shape)}.")
@@ -192,8 +195,9 @@ def dsa(x, generator, strategy=DEFAULT_STRATEGY, strength=1.0, clamp=None):
     unknown = [s for s in names if s not in OPS]
     if unknown:
         raise ValueError(f"dsa: unknown op(s) {unknown} in strategy {strategy!r}; known: {sorted(OPS)}.")
-    device = generator.device if generator is not None else torch.device("cpu")
-    pick = names[int(torch.randint(len(names), (1,), generator=generator, device=device))]
+    pick_gen = generator if pick_generator is None else pick_generator
+    device = pick_gen.device if pick_gen is not None else torch.device("cpu")
+    pick = names[int(torch.randint(len(names), (1,), generator=pick_gen, device=device))]
     if pick == "color":
         return color(x, generator, strength, clamp=clamp)
     return OPS[pick](x, generator, strength)

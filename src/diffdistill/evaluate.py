@@ -175,7 +175,20 @@ def _settings(eval_cfg):
             "lr": float(eval_cfg.get("lr", 0.01)), "momentum": float(eval_cfg.get("momentum", 0.9)),
             "weight_decay": float(eval_cfg.get("weight_decay", 5e-4)),
             "dsa": bool(eval_cfg.get("dsa", True)), "dsa_strategy": eval_cfg.get("dsa_strategy", DEFAULT_STRATEGY),
-            **({"labels": "soft", "temperature": _temperature(eval_cfg)} if _soft(eval_cfg) else {})}
+            **({"labels": "soft", "temperature": _temperature(eval_cfg)} if _soft(eval_cfg) else {}),
+            # The fast path draws other random numbers on CUDA: a run of its own (absent when off).
+            **({"fast": True} if _fast(eval_cfg) else {})}
+
+
+def _fast(eval_cfg):
+    """``evaluate.fast`` (issue 16, off by default): on CUDA, channels-last, DSA's per-image parameters
+    drawn on the GPU from a CUDA generator (the op group from a CPU one), fused SGD, and the epoch's
+    loss and accuracy summed on the device with one host sync per epoch. On the CPU the same random
+    numbers in the same order as the default path; only the sums are kept as (float64) tensors."""
+    fast = eval_cfg.get("fast", False)
+    if not isinstance(fast, bool):
+        raise ValueError(f"evaluate: evaluate.fast must be true or false, got {fast!r}.")
+    return fast
 
 
 LABELS = ("hard", "soft")
@@ -344,16 +357,20 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
                          "labels: soft); soft labels come from the reference classifier (--teacher).")
     epochs_run, drop_after = schedule(eval_cfg)
     every = _checkpoint_every(eval_cfg)
+    fast = _fast(eval_cfg)
+    fast_cuda = fast and device.type == "cuda"
 
     # Weights from the seed without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(eval_cfg, images.shape[3], num_classes, images.shape[1])
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last) if fast_cuda else model.to(device)
+    sgd_extra = {"fused": True} if fast_cuda else {}
 
     def new_optimizer(lr):
         # A fresh SGD each phase, as the challenge's loop: no momentum carried across the drop.
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=s["momentum"], weight_decay=s["weight_decay"])
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=s["momentum"], weight_decay=s["weight_decay"],
+                               **sgd_extra)
 
     lr0 = s["lr"]
     phase = 0                                                  # 0 before the drop, 1 after
@@ -361,6 +378,10 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
     # Separate streams: the same seed gives the same order and the same augmentations.
     shuffle_gen = torch.Generator().manual_seed(2 * seed)
     aug_gen = torch.Generator().manual_seed(2 * seed + 1)
+    pick_gen = None                                            # default: the op group from aug_gen too
+    if fast_cuda:                                              # per-image draws on the GPU, no host sync
+        aug_gen = torch.Generator(device=device).manual_seed(2 * seed + 1)
+        pick_gen = torch.Generator().manual_seed(2 * seed + 1)
     history = {"loss": [], "train_acc": [], "lr": []}
     start, seconds_before = 0, 0.0
 
@@ -377,6 +398,8 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
             optimizer.load_state_dict(state["optimizer"])     # lr and momentum buffers as saved
             shuffle_gen.set_state(state["shuffle_rng"])
             aug_gen.set_state(state["aug_rng"])
+            if pick_gen is not None:
+                pick_gen.set_state(state["pick_rng"])
             history = {k: list(state["history"][k]) for k in ("loss", "train_acc", "lr")}
             start, seconds_before = int(state["epoch"]), float(state["seconds"])
             log.info("evaluate: resuming from %s at epoch %d of %d", state_path, start, epochs_run)
@@ -392,6 +415,7 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
             "run_hash": want_hash, "epoch": done, "phase": phase, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
             "aug_rng": aug_gen.get_state(), "history": history,
+            **({"pick_rng": pick_gen.get_state()} if pick_gen is not None else {}),
             "seconds": seconds_before + time.perf_counter() - t0})
 
     model.train()
@@ -402,11 +426,16 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
         lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=shuffle_gen).to(device)
         loss_sum, correct = 0.0, 0
+        if fast:                                               # summed on the device: one sync per epoch
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
         for i in range(0, n, s["batch_size"]):
             idx = order[i:i + s["batch_size"]]
             x, y = norm(x_all[idx]), y_all[idx]
+            if fast_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
             if s["dsa"]:
-                x = dsa(x, aug_gen, strategy=s["dsa_strategy"])
+                x = dsa(x, aug_gen, strategy=s["dsa_strategy"], pick_generator=pick_gen)
             logits = model(x)
             if teacher is None:
                 loss = F.cross_entropy(logits, y)
@@ -415,8 +444,14 @@ def train_classifier(train_set, eval_cfg, seed, device="cpu", progress=True, num
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * y.shape[0]
-            correct += int((logits.argmax(1) == y).sum())
+            if fast:
+                loss_sum += loss.detach().double() * y.shape[0]
+                correct += (logits.detach().argmax(1) == y).sum()
+            else:
+                loss_sum += loss.item() * y.shape[0]
+                correct += int((logits.argmax(1) == y).sum())
+        if fast:
+            loss_sum, correct = float(loss_sum), int(correct)
         history["loss"].append(loss_sum / n)
         history["train_acc"].append(correct / n)
         history["lr"].append(lr)

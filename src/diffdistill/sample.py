@@ -13,7 +13,9 @@ Sampling one run on several devices is parallel.py's job (``sample`` draws one s
 checkpoint the sampler loads is checked in checkpoint.py; the challenge export is export.py.
 """
 import contextlib
+import copy
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,15 @@ from .data import from_model_space
 from .io import atomic_path, file_digest
 from .progress import progress as progress_bar
 
+log = logging.getLogger(__name__)
+
+# The opt-in fast path of ``sample`` (issue 16; all off by default, so a default run is unchanged):
+# ``sample.cast_weights``: bf16/fp16 weights (a converted copy) instead of autocast;
+# ``sample.compile``: torch.compile the network call in this mode ("reduce-overhead" and the
+# "max-autotune" modes capture CUDA graphs); every batch then runs at the full batch shape;
+# ``sample.attention``: the SDPA backend (None: PyTorch's choice).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 # ----------------------------------------------------------------------------------------------
 # settings
@@ -74,8 +85,19 @@ def validate_sample_cfg(sample_cfg, num_classes):
         raise ValueError(f"sample: sample.precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if not (isinstance(num_classes, int) and num_classes > 0):
         raise ValueError(f"sample: num_classes must be a positive integer, got {num_classes!r}")
+    cast_weights = sample_cfg.get("cast_weights", False)
+    if not isinstance(cast_weights, bool):
+        raise ValueError(f"sample: sample.cast_weights must be true or false, got {cast_weights!r}")
+    compile_mode = sample_cfg.get("compile", False)
+    compile_mode = "default" if compile_mode is True else compile_mode
+    if compile_mode not in (False, None) + COMPILE_MODES:
+        raise ValueError(f"sample: sample.compile must be false, true or one of {COMPILE_MODES}, got {compile_mode!r}")
+    attention = sample_cfg.get("attention")
+    if attention not in (None,) + ATTENTION_BACKENDS:
+        raise ValueError(f"sample: sample.attention must be null or one of {ATTENTION_BACKENDS}, got {attention!r}")
     return dict(budget=None if budget is None else float(budget), cap=cap, batch_size=batch_size,
-                steps=steps, variant=variant, seed=seed, guidance=guidance, precision=precision)
+                steps=steps, variant=variant, seed=seed, guidance=guidance, precision=precision,
+                cast_weights=cast_weights, compile=compile_mode or False, attention=attention)
 
 
 def autocast_dtype(precision, device):
@@ -145,11 +167,76 @@ def _denoise(model, x_T, y, cfg, device, amp_dtype, null_class):
     """DPM-Solver from the noise ``x_T`` to uint8 images [n,H,W,C] on the CPU."""
     amp = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
-    with torch.no_grad(), amp:
+    with torch.no_grad(), amp, _attention_backend(cfg.get("attention"), device):
         x0 = diffusion.dpm_solver_sample(model, x_T.to(device), y=y.to(device), steps=cfg["steps"],
                                          variant=cfg["variant"], guidance_scale=cfg["guidance"],
                                          null_class=null_class)
     return from_model_space(x0)  # copies to the CPU, so the batch is finished
+
+
+# ----------------------------------------------------------------------------------------------
+# the opt-in fast path (issue 16)
+# ----------------------------------------------------------------------------------------------
+def _attention_backend(name, device):
+    """The SDPA backend ``name`` for the block (CUDA only); a null context for None or off CUDA."""
+    if name is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
+
+class CompiledNetwork:
+    """``torch.compile(net, mode=mode)`` that falls back to the eager network, with one log line, if
+    compiling fails (no C compiler, an unsupported op, …): a run never dies of the compiler.
+
+    Outputs are cloned in the CUDA-graph modes: a graph replay reuses its output buffer, and the
+    solver keeps earlier network outputs (ε at the segment's start) across calls."""
+
+    def __init__(self, net, mode, device):
+        self.eager, self.mode = net, mode
+        self.cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        self.compiled = torch.compile(net, mode=mode, dynamic=False)
+        self.failed = None
+
+    def parameters(self):                    # the solver reads the network's dtype from here
+        return self.eager.parameters()
+
+    def __call__(self, *args):
+        if self.failed is None:
+            try:
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = self.compiled(*args)
+                return out.clone() if self.cudagraphs else out
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run eager instead
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("sample: torch.compile(mode=%r) failed (%s); running the network eagerly",
+                            self.mode, self.failed)
+        return self.eager(*args)
+
+
+def fast_network(model, cfg, device, amp_dtype):
+    """The network ``sample`` calls and the autocast dtype it runs under, for the fast-path settings.
+
+    ``cast_weights`` with bf16/fp16 on CUDA: a copy of the model converted to that dtype, no autocast
+    (the solver's state stays float32). ``compile``: wrapped in ``CompiledNetwork``. With neither,
+    ``(model, amp_dtype)`` unchanged: the default path."""
+    net = model
+    if cfg.get("cast_weights") and amp_dtype in (torch.bfloat16, torch.float16):
+        net = copy.deepcopy(model).to(device=device, dtype=amp_dtype).eval()
+        amp_dtype = None
+    elif cfg.get("cast_weights"):
+        log.info("sample: cast_weights has no effect at precision %s on %s (the weights stay float32)",
+                 cfg["precision"], device.type)
+    if cfg.get("compile"):
+        log.info("sample: torch.compile(mode=%r) of the network on %s; every batch runs at the full batch "
+                 "shape", cfg["compile"], device.type)
+        net = CompiledNetwork(net, cfg["compile"], device)
+    return net, amp_dtype
 
 
 @contextlib.contextmanager
@@ -255,8 +342,9 @@ def sample(model, sample_cfg, num_classes, device, checkpoint_path=None, progres
     with _evaluating_on(model, device), _tf32(device.type == "cuda" and cfg["precision"] == "tf32"):
         if cfg["batch_size"] == "auto":
             cfg["batch_size"] = choose_batch_size(model, image_shape, num_classes, device, amp_dtype)
+        net, amp_dtype = fast_network(model, cfg, device, amp_dtype)
         with _shard_progress_bar(cfg, num_classes, worker, num_workers, progress) as bar:
-            drawn = _draw_until_stopped(model, cfg, num_classes, image_shape, device, amp_dtype, null_class,
+            drawn = _draw_until_stopped(net, cfg, num_classes, image_shape, device, amp_dtype, null_class,
                                         worker, num_workers, bar)
     seconds = time.perf_counter() - drawn.start
 
@@ -290,9 +378,11 @@ def _draw_until_stopped(model, cfg, num_classes, image_shape, device, amp_dtype,
             break
         n = bs if total_cap is None else min(bs, total_cap - first)
         t0 = time.perf_counter()
-        x_T, y = _batch_inputs(cfg["seed"], b, bs, image_shape, num_classes, first, first + n)
-        drawn.images.append(_denoise(model, x_T, y, cfg, device, amp_dtype, null_class))
-        drawn.labels.append(y.numpy())
+        # A compiled network keeps one shape: a short last batch is drawn in full and cut.
+        full = first + (bs if cfg["compile"] else n)
+        x_T, y = _batch_inputs(cfg["seed"], b, bs, image_shape, num_classes, first, full)
+        drawn.images.append(_denoise(model, x_T, y, cfg, device, amp_dtype, null_class)[:n])
+        drawn.labels.append(y[:n].numpy())
         drawn.batch_seconds.append(time.perf_counter() - t0)
         drawn.batches.append(b)
         drawn.generated += n
@@ -332,6 +422,8 @@ def _manifest(cfg, num_classes, image_set, drawn, seconds, device, image_shape, 
         "image_shape": list(image_shape),
         "num_classes": num_classes,
         "torch": torch.__version__,
+        # The fast path's settings, only where one is on (a default manifest keeps its keys).
+        **{k: cfg[k] for k in ("cast_weights", "compile", "attention") if cfg[k]},
     }
 
 
