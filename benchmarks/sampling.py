@@ -16,12 +16,20 @@ Weights are random; timing does not depend on them.
     python benchmarks/sampling.py --device cuda --out benchmarks/sampling_h100.json
     python benchmarks/sampling.py --device cpu --batch-sizes 1 2 --steps 3   # < 2 min on a laptop
 
+With ``--step PATH …`` it times the pipeline's own ``sample.sample`` instead (issue 16), once per path:
+``step`` is today's step (autocast at ``--step-precision``), ``cast`` adds ``sample.cast_weights``,
+``fast`` adds ``sample.compile: --compile-mode`` too. images/s is the median over the batches after
+the first (steady state); the first batch's seconds (warm-up, compiling) are reported beside it.
+
+    python benchmarks/sampling.py --device cuda --models s2 --batch-sizes 500 --step step fast
+
 Prints a markdown table; writes JSON only where ``--out`` says. It records nothing by itself.
 """
 import argparse
 import contextlib
+import math
+import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,10 +40,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffdistill.diffusion import TIME_SCALE, dpm_solver_sample, network_calls  # noqa: E402
+from diffdistill import sample as sample_step  # noqa: E402
 from diffdistill.io import save_json  # noqa: E402
 from diffdistill.uvit import UViT, count_parameters  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this script
-from timing import device_name, sync, timed  # noqa: E402
+from timing import device_name, timed  # noqa: E402
 
 COMMON = dict(in_chans=3, mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, conv=True, skip=True)
 MODELS = {
@@ -43,6 +52,10 @@ MODELS = {
            dict(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8, num_classes=100, **COMMON)),
     "m4": ("U-ViT-M/4 64px, 200 classes",
            dict(img_size=64, patch_size=4, embed_dim=768, depth=16, num_heads=12, num_classes=200, **COMMON)),
+    # Toy size for the CPU runs of benchmarks/gpu_suite.py --quick (exercises every path, compile too).
+    "tiny": ("U-ViT tiny 8px, 4 classes (CPU test size)",
+             dict(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_classes=4,
+                  **dict(COMMON, mlp_ratio=2, in_chans=1))),
 }
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -116,6 +129,67 @@ def bench_one(net, cfg, batch, precision, device, args):
                 peak_share_pct=100.0 * achieved_tflops / args.peak_tflops)
 
 
+def step_paths(compile_mode, attention=None):
+    """The sample-block settings of each ``--step`` path (issue 16's levers, added one at a time)."""
+    extra = {"attention": attention} if attention else {}
+    return {"step": {}, "cast": dict(cast_weights=True, **extra),
+            "fast": dict(cast_weights=True, compile=compile_mode, **extra)}
+
+
+def bench_step(key, path, batch, device, args):
+    """Time ``sample.sample`` (the pipeline's step) on ``args.step_batches`` full batches of random weights."""
+    name, cfg = MODELS[key]
+    # Labels over gcd(batch, classes) of the model's classes, so the run is exactly step_batches full
+    # batches (timing does not depend on the labels).
+    classes = math.gcd(batch, cfg["num_classes"])
+    torch.manual_seed(0)
+    model = UViT(**cfg).eval()
+    block = dict(budget_seconds=None, max_per_class=-(-batch * args.step_batches // classes), batch_size=batch,
+                 steps=args.steps, variant=args.variant, precision=args.step_precision, seed=0,
+                 **step_paths(args.compile_mode, args.attention)[path])
+    _, manifest = sample_step.sample(model, block, classes, device, progress=False)
+    seconds = manifest["batch_seconds"]
+    steady = seconds[1:] if len(seconds) > 1 else seconds
+    return dict(model=key, path=path, precision=args.step_precision, batch_size=batch, batches=len(seconds),
+                images=manifest["count"], images_per_s=batch / statistics.median(steady),
+                first_batch_s=seconds[0], step_images_per_s=manifest["images_per_second"],
+                settings={k: v for k, v in block.items() if k in ("cast_weights", "compile", "attention")})
+
+
+def step_markdown(rows):
+    lines = ["| model | path | precision | batch | batches | images/s (steady) | first batch (s) | images/s (whole run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['path']} | | {r['batch_size']} | | {r['error']} | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['path']} | {r['precision']} | {r['batch_size']} | {r['batches']} | "
+                         f"{r['images_per_s']:.4g} | {r['first_batch_s']:.3g} | {r['step_images_per_s']:.4g} |")
+    return "\n".join(lines)
+
+
+def run_steps(args, device):
+    """``--step``: the pipeline's sampling step per model, batch size and path."""
+    rows = []
+    for key in args.models:
+        for batch in args.batch_sizes:
+            for path in args.step:
+                try:
+                    rows.append(bench_step(key, path, batch, device, args))
+                except torch.OutOfMemoryError:
+                    rows.append(dict(model=key, path=path, batch_size=batch, error="out of memory"))
+                    torch.cuda.empty_cache()
+                print(step_markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    result = dict(benchmark="sampling_step", device=device_name(device), torch=torch.__version__,
+                  sampler=f"dpm_solver {args.variant}", steps=args.steps, rows=rows)
+    print(f"The sample step (sample.sample) on {result['device']}, torch {torch.__version__}, "
+          f"DPM-Solver-{args.variant}, {args.steps} network calls\n")
+    print(step_markdown(rows))
+    if args.out:
+        save_json(args.out, result)
+    return result
+
+
 def markdown(rows):
     cols = [("model", "{}"), ("precision", "{}"), ("batch_size", "{}"), ("images_per_s", "{:.4g}"),
             ("sample_s", "{:.4g}"), ("forward_ms", "{:.4g}"), ("overhead_pct", "{:+.2f}"),
@@ -146,6 +220,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed sampling calls first; default 1, CPU 0")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    p.add_argument("--step", nargs="+", choices=("step", "cast", "fast"), default=None,
+                   help="time the pipeline's sample.sample on these paths instead (issue 16)")
+    p.add_argument("--step-precision", choices=("fp32", "tf32", "bf16", "fp16"), default="bf16",
+                   help="sample.precision of the --step runs (CPU runs fp32 whatever it says)")
+    p.add_argument("--step-batches", type=int, default=3, help="batches per --step run (first = warm-up)")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="sample.compile of the 'fast' path")
+    p.add_argument("--attention", default=None, help="sample.attention of the cast/fast paths (CUDA)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -165,6 +246,9 @@ def main(argv=None):
         p.error("tf32 exists on CUDA only")
     args.repeats = args.repeats if args.repeats is not None else (3 if cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (1 if cuda else 0)
+    if args.step:
+        args.batch_sizes = batch_sizes
+        return run_steps(args, device)
 
     result = dict(benchmark="sampling", device=device_name(device), torch=torch.__version__, compile=args.compile,
                   weights="autocast" if args.autocast else "converted", sampler=f"dpm_solver {args.variant}",
