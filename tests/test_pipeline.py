@@ -90,7 +90,7 @@ def test_dd_ranking_scores_come_from_their_own_runs(tiny_run, tiny_params):
     # The challenge's columns are the hard-label runs' only.
     assert summary["synthetic"]["mean"] == pytest.approx(syn)
     metrics = json.loads((res / "metrics.json").read_text())
-    assert metrics["lrs"] == pytest.approx(hard["lrs"]) and metrics["ars"] == pytest.approx(ars["ars"])
+    assert metrics["lrs"] == pytest.approx(hard["lrs"])
     table = (tiny_run / "results/tables/digits_summary.md").read_text()
     assert f"LRS {hard['lrs']:.4f}" in table and f"ARS {ars['ars']:.4f}" in table
     assert f"LRS {soft['lrs']:.4f}" in table

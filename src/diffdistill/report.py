@@ -22,13 +22,15 @@ log = logging.getLogger(__name__)
 # the same few numeric keys: a row per dataset, columns shared, within 120 terminal columns. Everything
 # else (per-seed runs, per-class accuracy, the audit's distances and definitions, the sweep's curve)
 # stays in the detailed JSONs beside it, which are plain outputs.
-METRIC_KEYS = ("synthetic_acc", "synthetic_std", "random_real_acc", "full_real_acc", "lrs", "ars")
+# DD-Ranking's hard-label LRS is one of them; the ARS is not: a ninth column would pass 120 (summary.json
+# and the tables carry it).
+METRIC_KEYS = ("synthetic_acc", "synthetic_std", "random_real_acc", "full_real_acc", "lrs")
 
 
 def dataset_metrics(summary, fid_path=None):
     """The numbers ``dvc metrics show`` prints for one dataset: the ConvNet's mean test accuracy on
     the synthetic set (and its population std over seeds), on the two real baselines, DD-Ranking's
-    ``lrs`` (hard labels) and ``ars`` when their runs were made, and the FID named by its features
+    hard-label ``lrs``, and the FID named by its features
     (``fid_inception`` and ``fid_convnet`` are different quantities)."""
     m = {}
     for k in EVAL_SETS:
@@ -36,10 +38,9 @@ def dataset_metrics(summary, fid_path=None):
             m[f"{k}_acc"] = float(summary[k]["mean"])
     if summary.get("synthetic"):
         m["synthetic_std"] = float(summary["synthetic"].get("std", 0.0))
-    scores = summary.get("dd_ranking") or {}       # DD-Ranking's hard-label LRS and the ARS, when run
-    for key, kind in (("lrs", "hard_label"), ("ars", "augmentation")):
-        if kind in scores:
-            m[key] = float(scores[kind][key])
+    hard = (summary.get("dd_ranking") or {}).get("hard_label")   # DD-Ranking's label-robust score
+    if hard:
+        m["lrs"] = float(hard["lrs"])
     m = {k: m[k] for k in METRIC_KEYS if k in m}
     fid, kind = read_fid(fid_path)
     if fid is not None:
