@@ -83,3 +83,28 @@ def test_own_rgb_images_end_to_end(tmp_path):
         for rule in ("prepare_data", "train_diffusion", "sample", "evaluate"):
             assert re.search(rf"\n{rule}\s+\d+", table), (change, rule, table)
         snakemake(work, "--cores", "2", *files, "--until", "prepare_data")
+
+
+def test_photo_folder_is_an_imagefolder_of_real_photographs(tmp_path):
+    """benchmarks/photo_folder.py (issue 17's own-images check): three classes of crops of the installed
+    colour photographs, read by prepare_data like any user's tree; crops differ within a class, and the
+    classes differ in colour as the photographs do."""
+    import importlib.util
+
+    from diffdistill import data
+    spec = importlib.util.spec_from_file_location("photo_folder", REPO / "benchmarks/photo_folder.py")
+    photo_folder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(photo_folder)
+    photo_folder.write_tree(tmp_path / "photos", per_class=10, seed=0)
+    train, test = data.build({"kind": "folder", "root": str(tmp_path / "photos"), "image_size": 16,
+                              "channels": 3, "test_fraction": 0.2, "split_seed": 0}, None, progress=False)
+    assert [str(c) for c in train["classes"]] == ["china", "flower", "hopper"]
+    assert train["images"].shape == (24, 16, 16, 3) and test["images"].shape == (6, 16, 16, 3)
+    images = np.concatenate([train["images"], test["images"]]).astype(float)
+    labels = np.concatenate([train["labels"], test["labels"]])
+    for k in range(3):
+        own = images[labels == k]
+        assert len({im.tobytes() for im in own}) == len(own)          # no two crops alike
+        assert own.std(axis=0).mean() > 10                            # crops of different places
+    means = np.stack([images[labels == k].mean(axis=(0, 1, 2)) for k in range(3)])
+    assert np.abs(means[:, None] - means[None]).max() > 20            # the photographs' colours differ
