@@ -24,8 +24,8 @@ photos_before:
   sample: {max_per_class: 200}
   select: {images_per_class: 100}
 Y
-snakemake --cores 2 --configfile photos.yaml -q results/photos/summary.json results/photos_before/summary.json \
-  > "$OUT/snakemake.log" 2>&1
+snakemake --cores 2 --configfile photos.yaml results/photos/summary.json results/photos_before/summary.json \
+  > "$OUT/snakemake.log" 2>&1 || { tail -40 "$OUT/snakemake.log"; exit 1; }
 python - <<'PY'
 import json
 for ds in ("photos", "photos_before"):
