@@ -24,7 +24,7 @@ photos_before:
   sample: {max_per_class: 200}
   select: {images_per_class: 100}
 Y
-snakemake --cores 2 --configfile photos.yaml results/photos/summary.json results/photos_before/summary.json \
+snakemake results/photos/summary.json results/photos_before/summary.json --cores 2 --configfile photos.yaml \
   > "$OUT/snakemake.log" 2>&1 || { tail -40 "$OUT/snakemake.log"; exit 1; }
 python - <<'PY'
 import json
