@@ -5,7 +5,7 @@
 # LRS and ARS), once with the digits defaults of today (`photos`) and once with the defaults before
 # issue 17 (`photos_before`: 200 drawn and 100 kept per class). Runs in a scratch clone
 # of this checkout's HEAD under OUT_DIR; prints both summaries' numbers.
-#   bash benchmarks/own_images_check.sh OUT_DIR      (~15 min on 2 cores)
+#   bash benchmarks/own_images_check.sh OUT_DIR      (12 min on 2 cores)
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: own_images_check.sh OUT_DIR}")
 REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -31,7 +31,8 @@ import json
 for ds in ("photos", "photos_before"):
     s = json.load(open(f"results/{ds}/summary.json"))
     acc = {k: s[k]["mean"] for k in ("synthetic", "random_real", "full_real")}
-    print(ds, " ".join(f"{k} {v:.4f}" for k, v in acc.items()),
-          f"syn/random {acc['synthetic'] / acc['random_real']:.3f}",
-          " ".join(f"{k} {v:.4f}" for k, v in s.get("dd_ranking", {}).items() if isinstance(v, float)))
+    scores = {"LRS": s["dd_ranking"]["hard_label"]["lrs"], "ARS": s["dd_ranking"].get("augmentation", {}).get("ars")}
+    print(ds, f"({s['n_synthetic']} generated)", " ".join(f"{k} {v:.4f}" for k, v in acc.items()),
+          f"synthetic/random {acc['synthetic'] / acc['random_real']:.3f}",
+          " ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
 PY
