@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from diffdistill.config import ParamsError, load_params
